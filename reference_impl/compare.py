@@ -1,0 +1,172 @@
+"""Compare results CSVs across machines/backends: medians per label, ratios to a baseline."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from reference_impl.results import CsvFormatError, metric_unit, read_results
+
+GROUP_KEYS = ["suite", "test", "model", "params", "metric"]
+LABEL_MODES = ("device", "file", "backend")
+MAX_PLOT_ROWS = 40
+
+
+def compare(
+    paths, baseline: str | None = None, label_by: str = "device", metrics: list[str] | None = None
+) -> pd.DataFrame:
+    """One row per (suite, test, model, params, metric); one median column per label,
+    then `<label>/<baseline>` ratio columns. df.attrs holds 'labels' and 'baseline'."""
+    paths = [str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    if baseline and Path(baseline).is_file() and not _same_file_listed(baseline, paths):
+        paths.append(baseline)  # `--baseline old.csv` compares against a file not listed
+    df = read_results(paths)
+    if metrics:
+        df = df[df["metric"].isin(metrics)]
+    df = df.assign(label=_labels(df, label_by))
+    labels = list(dict.fromkeys(df["label"]))  # first-seen order, so the first file comes first
+    base = _resolve_baseline(df, labels, baseline, paths)
+    medians = df.groupby(GROUP_KEYS + ["label"], sort=False)["value"].median()
+    # unstack (not pivot_table) keeps rows only some labels have, as NaN.
+    table = medians.unstack("label").reindex(columns=labels)
+    # Params in the order they were measured (batch 1, 8, 32), not as sorted JSON text.
+    table = table.reindex(pd.MultiIndex.from_frame(df[GROUP_KEYS].drop_duplicates()))
+    table.columns.name = None
+    for label in labels:
+        if label != base:
+            ratio = table[label] / table[base]
+            table[f"{label}/{base}"] = ratio.where(ratio.abs() != math.inf)  # x/0 is no ratio
+    order = [key for key in GROUP_KEYS if key != "params"]
+    table = table.reset_index().sort_values(order, kind="stable", ignore_index=True)
+    table.attrs.update(labels=labels, baseline=base)
+    return table
+
+
+def _labels(df: pd.DataFrame, label_by: str) -> pd.Series:
+    if label_by not in LABEL_MODES:
+        raise ValueError(f"label_by must be one of {', '.join(LABEL_MODES)}, got {label_by!r}")
+    if label_by == "file":
+        return df["source"].map(lambda source: Path(source).stem)
+    device = df.apply(_device_label, axis=1) if len(df) else pd.Series([], dtype=str)
+    if label_by == "backend":
+        return df["backend"] + "@" + device
+    return device
+
+
+def _device_label(row: pd.Series) -> str:
+    if row["device_kind"]:
+        return row["device_kind"]
+    return f"{row['gpu_count']}x{row['gpu_name']}" if row["gpu_name"] else "cpu"
+
+
+def _same_file_listed(candidate: str, paths: list[str]) -> bool:
+    target = Path(candidate).resolve()
+    return any(Path(p).resolve() == target for p in paths)
+
+
+def _resolve_baseline(df: pd.DataFrame, labels: list[str], baseline, paths) -> str:
+    if not labels:
+        return baseline or ""
+    if baseline is None:
+        first = df[df["source"] == str(Path(paths[0]))]  # read_results stores str(Path(p))
+        return first["label"].iloc[0] if len(first) else labels[0]
+    if baseline in labels:
+        return baseline
+    target = Path(baseline).resolve()
+    from_file = df[df["source"].map(lambda s: Path(s).resolve() == target)]
+    if len(from_file):
+        return from_file["label"].iloc[0]
+    raise ValueError(f"baseline {baseline!r} is neither a label ({', '.join(labels)}) nor a compared file")
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """Fixed-width table; the metric column carries the unit, NaN shows as '-'."""
+    if df.empty:
+        return "(no results)"
+    ratio_columns = [c for c in df.columns if "/" in str(c)]
+    formatters = {c: _fmt_ratio for c in ratio_columns}
+    formatters.update({c: _fmt_value for c in df.attrs.get("labels", []) if c in df.columns})
+    body = df.to_string(index=False, na_rep="-", formatters=formatters)
+    return f"baseline: {df.attrs.get('baseline', '')}\n{body}"
+
+
+def _fmt_value(value) -> str:
+    return "-" if pd.isna(value) else f"{value:.4g}"
+
+
+def _fmt_ratio(value) -> str:
+    return "-" if pd.isna(value) else f"{value:.3f}x"
+
+
+def plot(df: pd.DataFrame, out_png) -> None:
+    """Grouped horizontal bars per (test, metric, params), one subplot per unit."""
+    # Figure + Agg canvas directly (not pyplot): headless, and no global backend switch
+    # that would surprise other code in the same process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = [c for c in df.attrs.get("labels", []) if c in df.columns]
+    shown = df.head(MAX_PLOT_ROWS)
+    families = list(dict.fromkeys(shown["metric"].map(metric_unit))) if len(shown) else []
+    heights = [max(1.5, 0.35 * len(labels) * _family_rows(shown, f).shape[0] + 1) for f in families]
+    fig = Figure(figsize=(11, max(3.0, sum(heights) + 1)))
+    FigureCanvasAgg(fig)
+    title = f"splitrl compare (baseline: {df.attrs.get('baseline', '')})"
+    if len(df) > len(shown):
+        title += f" - first {len(shown)} of {len(df)} rows shown"
+    fig.suptitle(title)
+    if not families:
+        fig.text(0.5, 0.5, "no results to plot", ha="center")
+    else:
+        axes = fig.subplots(len(families), 1, squeeze=False, height_ratios=heights)[:, 0]
+        for ax, family in zip(axes, families):
+            _plot_family(ax, _family_rows(shown, family), labels, family)
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, format="png", dpi=100)
+
+
+def _family_rows(df: pd.DataFrame, family: str) -> pd.DataFrame:
+    return df[df["metric"].map(metric_unit) == family]
+
+
+def _plot_family(ax, rows: pd.DataFrame, labels: list[str], family: str) -> None:
+    bar_height = 0.8 / max(1, len(labels))
+    positions = range(len(rows))
+    for i, label in enumerate(labels):
+        offsets = [p + i * bar_height for p in positions]
+        ax.barh(offsets, rows[label], height=bar_height, label=label)
+    ax.set_yticks([p + 0.4 - bar_height / 2 for p in positions])
+    ax.set_yticklabels([_row_name(r) for _, r in rows.iterrows()], fontsize=7)
+    ax.invert_yaxis()  # table order, top to bottom
+    ax.set_xlabel(family)
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def _row_name(row: pd.Series) -> str:
+    params = row["params"] if row["params"] != "{}" else ""
+    name = f"{row['test']} {row['metric']} {params}".strip()
+    return name if len(name) <= 70 else name[:67] + "..."
+
+
+def main_compare(argv_paths, baseline=None, plot_path=None, label_by="device") -> int:
+    """CLI entry: print the table (and write the plot); 2 on unreadable input."""
+    try:
+        df = compare(argv_paths, baseline=baseline, label_by=label_by)
+    except (CsvFormatError, ValueError, OSError) as error:
+        print(_one_line(error), file=sys.stderr)
+        return 2
+    print(format_table(df))
+    if plot_path:
+        plot(df, plot_path)
+        print(f"wrote {plot_path}")
+    return 0
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, CsvFormatError):
+        return str(error)
+    return f"error: {' '.join(str(error).split())}"

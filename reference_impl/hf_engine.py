@@ -1,0 +1,127 @@
+"""An in-process HF+PEFT rollout engine with SGLang's adapter API (load/unload by name from a saved dir).
+
+It is a real inference engine, not a test double: it loads the adapters the trainer saved and samples with
+their weights. It serves two purposes: the loop and the sync strategies run end to end on a CPU (CI proves
+that weights flow through saved adapters), and it is the "HF generate" peer baseline on a GPU.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+from .client import GenerateResult, SamplingParams, ServerHTTPError
+
+BASE_NAME = "base"
+
+
+class HFEngine:
+    def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32", seed: int = 0):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.device = device
+        self.base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
+                                                         local_files_only=True).to(device).eval()
+        self.model = self.base           # becomes a PeftModel at the first adapter load
+        self.adapters: dict[str, str] = {}
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    # -- the SGLangClient surface the sync strategies and the loop use ---------------------------------
+    def health(self, timeout_s: float = 0) -> bool:
+        return True
+
+    def models(self) -> list[str]:
+        return [BASE_NAME, *self.adapters]
+
+    def load_lora_adapter(self, name: str, path: str, pinned: bool = False, timeout_s: float = 0) -> dict:
+        from peft import PeftModel
+
+        if name in self.adapters:
+            raise ServerHTTPError("/load_lora_adapter", 400,
+                                  f"Failed to load LoRA adapter {name} because it is already loaded")
+        if self.model is self.base:
+            self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name).eval()
+        else:
+            self.model.load_adapter(path, adapter_name=name)
+        self.adapters[name] = path
+        return dict(self.adapters)
+
+    def unload_lora_adapter(self, name: str, timeout_s: float = 0) -> dict:
+        if name not in self.adapters:
+            raise ServerHTTPError("/unload_lora_adapter", 400,
+                                  f"LoRA with name {name} does not exist. Loaded LoRAs: {list(self.adapters)}")
+        if len(self.adapters) == 1:
+            # PEFT cannot delete its last adapter: go back to the plain base model instead.
+            self.base = self.model.unload()
+            self.model = self.base
+        else:
+            if self.model.active_adapter == name:
+                self.model.set_adapter(next(a for a in self.adapters if a != name))
+            self.model.delete_adapter(name)
+        del self.adapters[name]
+        return dict(self.adapters)
+
+    def generate(self, input_ids: Sequence[Sequence[int]], sampling: SamplingParams, lora: str | None = None,
+                 return_logprob: bool = False, logprob_start_len: int = -1, top_logprobs_num: int = 0,
+                 timeout_s: float | None = None) -> list[GenerateResult]:
+        if lora is not None and not isinstance(lora, str):
+            raise ValueError("HFEngine serves one adapter per batch")
+        if lora is not None and lora not in self.adapters:
+            raise ServerHTTPError("/generate", 400, f"Got LoRA adapter that has never been loaded: {lora}")
+        t0 = time.perf_counter()
+        with self._adapter(lora):
+            out_ids, out_lps = self._sample(input_ids, sampling)
+        dt = time.perf_counter() - t0
+        return [GenerateResult(output_ids=o, prompt_tokens=len(p), completion_tokens=len(o), cached_tokens=0,
+                               finish_reason="length", output_logprobs=lp, e2e_latency_s=dt)
+                for p, o, lp in zip(input_ids, out_ids, out_lps)]
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _adapter(self, lora: str | None):
+        import contextlib
+
+        if lora is None:
+            return self.model.disable_adapter() if self.model is not self.base else contextlib.nullcontext()
+        self.model.set_adapter(lora)
+        return contextlib.nullcontext()
+
+    def _sample(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams):
+        """Plain ancestral sampling with a KV cache; logprobs are of the sampled tokens at temperature T
+        (as SGLang reports them). Greedy when temperature == 0. Always max_new_tokens (ignore_eos)."""
+        torch = self.torch
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(list(p))
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        past, tokens, logps = None, [], []
+        step_in = ids
+        with torch.no_grad():
+            for _ in range(sampling.max_new_tokens):
+                out = self.model(input_ids=step_in, attention_mask=mask, position_ids=pos, past_key_values=past,
+                                 use_cache=True)
+                past = out.past_key_values
+                logits = out.logits[:, -1, :].float()
+                nxt, lp = _pick(torch, logits, sampling.temperature, self.generator)
+                tokens.append(nxt)
+                logps.append(lp)
+                step_in = nxt[:, None]
+                mask = torch.cat([mask, torch.ones_like(step_in)], dim=1)
+                pos = pos[:, -1:] + 1
+        toks = torch.stack(tokens, 1).cpu().tolist()
+        lps = torch.stack(logps, 1).cpu().tolist()
+        return toks, lps
+
+
+def _pick(torch, logits, temperature: float, generator):
+    if temperature <= 0:
+        lsm = torch.log_softmax(logits, -1)
+        nxt = lsm.argmax(-1)
+    else:
+        lsm = torch.log_softmax(logits / temperature, -1)
+        nxt = torch.multinomial(lsm.exp().cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    return nxt, lsm.gather(-1, nxt[:, None]).squeeze(-1)

@@ -1,0 +1,221 @@
+"""The SGLang server as a context manager (modelled on vLLM's tests/utils.py RemoteOpenAIServer).
+
+    with SGLangServer(ServerConfig(python=..., model_path=..., gpu_ids="0")) as srv:
+        srv.client.generate([[1, 2, 3]], SamplingParams(max_new_tokens=8))
+
+Free port in 20000-50000 (SGLang derives a gRPC port at +10000), binds 127.0.0.1 only, the child's
+environment sets CUDA_VISIBLE_DEVICES and offline flags *before* it starts, own process group, log file,
+bounded /health wait that fails fast when the process exits, stop() = TERM then KILL of its own group.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .client import SGLangClient
+from .procs import ManagedProcess, PortInUseError, check_port_free, log_tail, pick_free_port
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_ONLY = ("q_proj", "k_proj", "v_proj", "o_proj")
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+# Variables of the trainer's environment that must not leak into the server's venv.
+ENV_NOT_INHERITED = ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "UNSLOTH_RETURN_LOGITS", "UNSLOTH_COMPILE_LOCATION")
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoraPoolConfig:
+    """The server's LoRA memory pool. Explicit so later pushes can't be rejected by an inferred shape."""
+    max_rank: int = 64
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    max_loras_per_batch: int = 4
+    max_loaded_loras: int | None = None
+    lora_backend: str | None = None  # None: SGLang's default (csgmv)
+    startup_adapters: dict[str, str] = field(default_factory=dict)  # name -> path, registered at start
+
+    def argv(self) -> list[str]:
+        args = ["--enable-lora", "--max-lora-rank", str(self.max_rank),
+                "--lora-target-modules", *self.target_modules,
+                "--max-loras-per-batch", str(self.max_loras_per_batch)]
+        if self.max_loaded_loras is not None:
+            args += ["--max-loaded-loras", str(self.max_loaded_loras)]
+        if self.lora_backend:
+            args += ["--lora-backend", self.lora_backend]
+        if self.startup_adapters:
+            args += ["--lora-paths", *(f"{n}={p}" for n, p in self.startup_adapters.items())]
+        return args
+
+
+@dataclass
+class ServerConfig:
+    python: str                       # the SGLang venv's interpreter (never the trainer's)
+    model_path: str
+    gpu_ids: str = "0"                # physical indices for the child's CUDA_VISIBLE_DEVICES (PCI order)
+    tokenizer_path: str | None = None
+    tp_size: int = 1
+    attention_backend: str = "triton"  # no FA3 (stripped from the kit) and no JIT for flashinfer
+    sampling_backend: str = "pytorch"
+    lora: LoraPoolConfig | None = None
+    mem_fraction_static: float = 0.5
+    cuda_graphs: bool = True
+    memory_saver: bool = False
+    load_format: str = "auto"          # "dummy": config-only dirs (no LoRA possible, see notes)
+    context_length: int = 4096
+    disable_radix_cache: bool = False
+    random_seed: int = 0
+    extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    log_dir: Path = Path("results/logs")
+    port: int | None = None            # None: pick a free one
+    startup_timeout_s: float = 600.0
+    launch_module: str = "sglang.launch_server"
+
+    def argv(self, port: int) -> list[str]:
+        args = [self.python, "-m", self.launch_module, "--model-path", self.model_path,
+                "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+                "--tp-size", str(self.tp_size), "--attention-backend", self.attention_backend,
+                "--sampling-backend", self.sampling_backend, "--mem-fraction-static", str(self.mem_fraction_static),
+                "--context-length", str(self.context_length), "--random-seed", str(self.random_seed),
+                "--load-format", self.load_format]
+        if self.tokenizer_path:
+            args += ["--tokenizer-path", self.tokenizer_path]
+        if self.lora:
+            args += self.lora.argv()
+        if not self.cuda_graphs:
+            args += ["--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled"]
+        if self.memory_saver:
+            args += ["--enable-memory-saver"]
+        if self.disable_radix_cache:
+            args += ["--disable-radix-cache"]
+        return args + list(self.extra_args)
+
+    def child_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        env = {k: v for k, v in (base if base is not None else os.environ).items() if k not in ENV_NOT_INHERITED}
+        env.update(OFFLINE_ENV)
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # physical indices = NVML order
+        env["CUDA_VISIBLE_DEVICES"] = self.gpu_ids
+        # the venv's bin first: Triton finds its tools and console scripts resolve to this venv
+        env["PATH"] = os.path.dirname(self.python) + os.pathsep + env.get("PATH", "")
+        env.update(self.extra_env)
+        return env
+
+
+class SGLangServer:
+    def __init__(self, config: ServerConfig):
+        self.config = _absolute_paths(config)
+        self.port: int | None = None
+        self.process: ManagedProcess | None = None
+        self.start_s: float | None = None
+        self.stopped_by: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def client(self) -> SGLangClient:
+        return SGLangClient(self.url)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "server not started"
+        return self.process.pid
+
+    @property
+    def log_path(self) -> Path:
+        assert self.process is not None, "server not started"
+        return self.process.log_path
+
+    def start(self) -> "SGLangServer":
+        if not os.access(self.config.python, os.X_OK):
+            raise ServerStartError(f"SGLang interpreter {self.config.python!r} does not exist or is not executable:"
+                                   " run `splitrl env create` or pass --sglang-python / SPLITRL_SGLANG_PYTHON")
+        if self.config.port is not None:
+            check_port_free(self.config.port)  # a user-chosen busy port is an error, not a silent retry
+        for attempt in range(3):
+            self.port = self.config.port or pick_free_port()
+            try:
+                self._launch_and_wait()
+                return self
+            except ServerStartError as e:
+                # a port taken between our check and the child's bind: retry on a new one (auto ports only)
+                if self.config.port is None and "address already in use" in str(e).lower() and attempt < 2:
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    def _launch_and_wait(self) -> None:
+        cfg = self.config
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        log_path = Path(cfg.log_dir) / f"sglang-{stamp}-{self.port}.log"
+        self.process = ManagedProcess(cfg.argv(self.port), cfg.child_env(), log_path, cwd=str(Path(cfg.log_dir)))
+        t0 = time.monotonic()
+        try:
+            self.process.start()
+        except OSError as e:
+            raise ServerStartError(f"cannot launch {cfg.python}: {e}") from e
+        try:
+            self._wait_healthy(t0 + cfg.startup_timeout_s)
+        except BaseException:
+            self.process.stop(term_timeout_s=10)
+            raise
+        self.start_s = time.monotonic() - t0
+
+    def _wait_healthy(self, deadline: float) -> None:
+        client = SGLangClient(self.url, timeout_s=10)
+        while True:
+            rc = self.process.exited()
+            if rc is not None:
+                raise ServerStartError(f"SGLang exited with code {rc} before it became healthy "
+                                       f"(log {self.process.log_path}):\n{log_tail(self.process.log_path)}")
+            if client.health(timeout_s=max(1.0, min(10.0, deadline - time.monotonic()))):
+                return
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"SGLang not healthy after {self.config.startup_timeout_s:.0f}s "
+                                       f"(log {self.process.log_path}):\n{log_tail(self.process.log_path)}")
+            time.sleep(0.5)
+
+    def stop(self, term_timeout_s: float = 30.0) -> str:
+        if self.process is None:
+            return "gone"
+        self.stopped_by = self.process.stop(term_timeout_s=term_timeout_s)
+        return self.stopped_by
+
+    def restart(self, **changes) -> float:
+        """Stop, apply config changes (e.g. lora=... with new startup_adapters), start; returns seconds."""
+        t0 = time.monotonic()
+        self.stop()
+        self.config = _absolute_paths(dataclasses.replace(self.config, **changes))
+        self.start()
+        return time.monotonic() - t0
+
+    def __enter__(self) -> "SGLangServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _absolute_paths(cfg: ServerConfig) -> ServerConfig:
+    """The child runs in the log dir: relative paths must not change meaning there. abspath, not realpath,
+    keeps a venv's symlinked interpreter (resolving it would leave the venv)."""
+    lora = cfg.lora
+    if lora and lora.startup_adapters:
+        lora = dataclasses.replace(lora, startup_adapters={n: os.path.abspath(p)
+                                                           for n, p in lora.startup_adapters.items()})
+    return dataclasses.replace(
+        cfg, python=os.path.abspath(cfg.python) if os.sep in cfg.python else cfg.python,
+        model_path=os.path.abspath(cfg.model_path),
+        tokenizer_path=os.path.abspath(cfg.tokenizer_path) if cfg.tokenizer_path else None,
+        log_dir=Path(os.path.abspath(cfg.log_dir)), lora=lora)
+
+
+__all__ = ["ALL_LINEAR", "ATTENTION_ONLY", "LoraPoolConfig", "PortInUseError", "SGLangServer", "ServerConfig",
+           "ServerStartError"]
