@@ -157,8 +157,8 @@ def _version_via(python: str | None, dist: str) -> str:
 
 def _git_sha(project_dir: Path) -> str:
     sha = _git(project_dir, "rev-parse", "--short", "HEAD")
-    if sha is None:
-        return ""
+    if sha is None:  # a copy without .git (e.g. shipped to a GPU node): the sender can say which commit
+        return os.environ.get("SPLITRL_GIT_SHA", "")
     status = _git(project_dir, "status", "--porcelain")
     return f"{sha}-dirty" if status else sha
 

@@ -125,3 +125,17 @@ def _pick(torch, logits, temperature: float, generator):
         lsm = torch.log_softmax(logits / temperature, -1)
         nxt = torch.multinomial(lsm.exp().cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
     return nxt, lsm.gather(-1, nxt[:, None]).squeeze(-1)
+
+
+def input_logprobs(engine: HFEngine, prompts: Sequence[Sequence[int]], lora: str | None) -> list[list[float]]:
+    """HF+PEFT logprobs of each prompt token given its prefix (position 0 has none), one forward per prompt:
+    the reference SGLang's `input_token_logprobs` (logprob_start_len=0) is compared with."""
+    torch = engine.torch
+    out = []
+    with engine._adapter(lora), torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([list(ids)], device=engine.device)
+            logits = engine.model(input_ids=x).logits[0, :-1].float()
+            lp = torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None]).squeeze(-1)
+            out.append(lp.cpu().tolist())
+    return out

@@ -24,7 +24,11 @@ def gpu_memory_used_mib(indices, nvml=None) -> dict[int, float]:
 
 
 def _running_pids(lib, handle, kind: str) -> list[int]:
-    """PIDs from nvmlDeviceGet{kind}RunningProcesses. The plain name binds the newest (v3)
+    return [int(p.pid) for p in _running_procs(lib, handle, kind)]
+
+
+def _running_procs(lib, handle, kind: str) -> list:
+    """Process records from nvmlDeviceGet{kind}RunningProcesses. The plain name binds the newest (v3)
     struct; an older driver lacks that symbol, so fall back to the _v2 layout."""
     version_errors = tuple(getattr(lib, n) for n in (
         "NVMLError_FunctionNotFound", "NVMLLibraryMismatchError",
@@ -33,7 +37,7 @@ def _running_pids(lib, handle, kind: str) -> list[int]:
     last_err = None
     for fn in [getattr(lib, n) for n in names if hasattr(lib, n)]:
         try:
-            return [int(p.pid) for p in fn(handle)]
+            return list(fn(handle))
         except version_errors as err:
             last_err = err
     raise NoGpuError(f"no {kind} process query matches this NVML library: {last_err}")
@@ -51,6 +55,16 @@ def gpu_processes(indices=None, nvml=None) -> dict[int, list[int]]:
             pids = _running_pids(lib, handle, "Compute") + _running_pids(lib, handle, "Graphics")
             out[i] = sorted(set(pids))
         return out
+
+
+def process_memory_mib(index: int, pids, nvml=None) -> float:
+    """GPU memory NVML attributes to `pids` on physical GPU `index` (per process, so other tenants of the
+    GPU don't move the number). usedGpuMemory is None where the driver hides it: counted as 0."""
+    wanted = set(pids)
+    with nvml_session(nvml) as lib:
+        handle = lib.nvmlDeviceGetHandleByIndex(index)
+        procs = _running_procs(lib, handle, "Compute")
+        return sum((p.usedGpuMemory or 0) for p in procs if int(p.pid) in wanted) / 2**20
 
 
 class NvmlSampler:

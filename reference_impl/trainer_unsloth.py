@@ -20,6 +20,12 @@ def prepare_unsloth_env() -> None:
                           os.path.join(tempfile.gettempdir(), f"splitrl-unsloth-cache-{os.getuid()}"))
 
 
+def import_unsloth_first() -> None:
+    """Unsloth patches transformers/peft when imported; it must come first in the process."""
+    prepare_unsloth_env()
+    import unsloth  # noqa: F401
+
+
 def load_unsloth_model(cfg):
     prepare_unsloth_env()
     if "transformers" in sys.modules and "unsloth" not in sys.modules:

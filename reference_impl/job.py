@@ -1,0 +1,156 @@
+"""`splitrl run`: plan the GPUs, start SGLang and the trainer, run N GRPO steps, write results rows.
+
+    splitrl run --model tiny --steps 30                       # 2+ GPUs: split, hot reload
+    splitrl run --model tiny --steps 30 --no-sync             # the control: rollouts stay on policy-v0
+    splitrl run --model tiny --steps 30 --strategy restart    # 1 GPU fallback
+    splitrl run --model tiny --steps 5 --engine hf --trainer peft   # no GPU: HF engine, PEFT trainer
+
+No process is left behind on success, error, SIGTERM or Ctrl-C: the server is stopped by its own pid group.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .devices import SplitPlan, inventory_status, make_plan
+from .loop import LoopConfig, print_step, run_loop, step_rows
+from .models import resolve_model
+from .server import ALL_LINEAR, LoraPoolConfig, SGLangServer, ServerConfig
+
+
+@dataclass
+class RunConfig:
+    model: str = "tiny"
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    strategy: str = "auto"            # auto | hot-reload | restart | release-resume | none
+    engine: str = "sglang"            # sglang | hf (in-process, CPU-capable)
+    trainer: str = "auto"             # auto (unsloth on GPU, peft otherwise) | unsloth | peft
+    inference_gpus: list[str] | None = None
+    training_gpus: list[str] | None = None
+    tp: int = 1
+    sglang_python: str | None = None
+    rank: int = 16
+    alpha: int = 32
+    lr: float = 2e-2
+    seed: int = 0
+    mem_fraction: float | None = None
+    cuda_graphs: bool = False
+    results: Path = Path("results/run.csv")
+    log_dir: Path = Path("results/logs")
+
+
+def resolve_strategy(requested: str, plan: SplitPlan | None) -> str:
+    if requested != "auto":
+        return requested
+    if plan is None:              # HF engine: in-process, adapters hot-load
+        return "hot-reload"
+    return "hot-reload" if plan.mode == "split" else "restart"
+
+
+def _pin_trainer_gpus(plan: SplitPlan) -> None:
+    """CUDA_VISIBLE_DEVICES only works if set before CUDA initialises in this process."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise RuntimeError("CUDA was initialised before the GPU plan was applied; start a fresh process")
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    os.environ["CUDA_VISIBLE_DEVICES"] = plan.training_cvd()
+
+
+def _server_config(cfg: RunConfig, plan: SplitPlan, model_path: str, strategy: str) -> ServerConfig:
+    from .envs import require_sglang_python
+
+    shared = plan.mode == "shared"
+    extra = ["--enable-weights-cpu-backup"] if strategy == "release-resume" else []
+    return ServerConfig(python=require_sglang_python(cfg.sglang_python), model_path=model_path,
+                        gpu_ids=plan.inference_cvd(), tp_size=plan.tp_size,
+                        lora=LoraPoolConfig(max_rank=max(cfg.rank, 16), target_modules=ALL_LINEAR),
+                        mem_fraction_static=cfg.mem_fraction or (0.3 if shared else 0.5),
+                        cuda_graphs=cfg.cuda_graphs, memory_saver=strategy == "release-resume",
+                        extra_args=extra, log_dir=cfg.log_dir)
+
+
+def _make_strategy(name: str, server, engine, plan: SplitPlan | None):
+    from . import sync
+    from .procs import pids_in_group
+
+    if name == "hot-reload":
+        return sync.HotReload(engine)
+    if name == "none":
+        return sync.NoSync(engine)
+    if name == "restart":
+        return sync.Restart(server)
+    if name == "release-resume":
+        return sync.ReleaseResume(engine, gpu_index=plan.inference[0].index if plan else None,
+                                  server_pids=lambda: pids_in_group(server.pid))
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+def _has_unsloth() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("unsloth") is not None
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(f"signal {signum}")
+
+
+def run_job(cfg: RunConfig) -> list:
+    from .fingerprint import collect_fingerprint
+    from .results import ResultsWriter
+    from .trainer import LoraSpec, LoraTrainer, TrainerConfig
+
+    plan = None
+    gpus, reason = inventory_status()
+    if cfg.engine == "sglang":
+        plan = make_plan(gpus, cfg.inference_gpus, cfg.training_gpus, cfg.tp)
+        plan.require_gpu(reason, needs="`splitrl run` with the SGLang engine (use --engine hf on a CPU machine)")
+        _pin_trainer_gpus(plan)
+    strategy_name = resolve_strategy(cfg.strategy, plan)
+    on_gpu = plan is not None
+    trainer_backend = cfg.trainer if cfg.trainer != "auto" else ("unsloth" if on_gpu and _has_unsloth() else "peft")
+    if trainer_backend == "unsloth":  # before anything imports transformers (building the model does)
+        from .trainer_unsloth import import_unsloth_first
+        import_unsloth_first()
+    model = resolve_model(cfg.model, seed=cfg.seed)
+    writer = ResultsWriter(cfg.results, fingerprint=collect_fingerprint(cfg.sglang_python, gpus=gpus or None))
+    base = {"suite": "run", "test": f"grpo_{strategy_name}", "backend": cfg.engine,
+            "mode": plan.mode if plan else "cpu", "strategy": strategy_name, "model": model.name,
+            "params": {"group_size": cfg.loop.group_size, "prompts": cfg.loop.prompts_per_step,
+                       "max_new_tokens": cfg.loop.max_new_tokens, "lr": cfg.lr, "rank": cfg.rank,
+                       "trainer": trainer_backend, "sync": strategy_name != "none"}}
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    server = trainer = None
+    try:
+        if on_gpu:
+            server = SGLangServer(_server_config(cfg, plan, str(model.path), strategy_name)).start()
+            engine = server.client
+        else:
+            from .hf_engine import HFEngine
+            engine = HFEngine(str(model.path), seed=cfg.seed)
+        trainer = LoraTrainer(TrainerConfig(
+            model_path=str(model.path), backend=trainer_backend, lora=LoraSpec(rank=cfg.rank, alpha=cfg.alpha),
+            lr=cfg.lr, seed=cfg.seed, device="cuda" if on_gpu else "cpu",
+            dtype="bfloat16" if on_gpu else "float32"))
+        from .tasks import WordStartTask
+        task = WordStartTask(str(model.path), seed=cfg.seed)
+        strategy = _make_strategy(strategy_name, server, engine, plan)
+        show = print_step(cfg.loop.steps)
+
+        def on_step(rec):
+            show(rec)
+            writer.append(step_rows(rec, base))
+
+        return run_loop(cfg.loop, trainer, engine, strategy, task, on_step=on_step)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if server is not None:
+            server.stop()
+        if trainer is not None:
+            trainer.close()

@@ -1,0 +1,121 @@
+"""The GRPO loop that `splitrl run` drives: rollout -> reward -> train -> save -> sync, one row set per step.
+
+Every rollout request names the strategy's current adapter; with none servable the loop refuses to roll
+out (the base model is never served in its place).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from .client import SamplingParams
+from .sync import version_name
+from .trainer import Rollout
+
+
+class RolloutRefused(RuntimeError):
+    pass
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 30
+    prompts_per_step: int = 4
+    group_size: int = 8
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    request_timeout_s: float = 300.0
+
+
+@dataclass
+class StepRecord:
+    step: int
+    adapter: str
+    reward: float
+    rollout_s: float
+    train_s: float
+    sync_ms: float
+    step_s: float
+    output_tokens: int
+    prompt_tokens: int
+    cached_tokens: int
+    loss: float
+    clip_ratio: float
+    ratio_mean: float
+    equal_reward_groups: int
+    extra: dict = field(default_factory=dict)
+
+
+def rollout(engine, strategy, task, cfg: LoopConfig, step: int) -> list[Rollout]:
+    adapter = strategy.current
+    if adapter is None:
+        raise RolloutRefused(f"step {step}: no adapter is servable (strategy {strategy.name}); refusing to roll "
+                             "out on the base model")
+    prompts = task.prompts(step, cfg.prompts_per_step)
+    batch = [p for p in prompts for _ in range(cfg.group_size)]  # group-contiguous, shares the prefix
+    sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, ignore_eos=True)
+    results = engine.generate(batch, sampling, lora=adapter, timeout_s=cfg.request_timeout_s)
+    return [Rollout(p, r.output_ids, r.output_logprobs, task.reward(p, r.output_ids), r.cached_tokens, adapter)
+            for p, r in zip(batch, results)]
+
+
+def run_loop(cfg: LoopConfig, trainer, engine, strategy, task,
+             on_step: Callable[[StepRecord], None] | None = None) -> list[StepRecord]:
+    """v0 (the trainer's initial adapter) is published first; then each step trains v{n+1} and syncs it."""
+    strategy.publish(0, str(trainer.save_adapter(version_name(0))))
+    records = []
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        rolls = rollout(engine, strategy, task, cfg, step)
+        t1 = time.perf_counter()
+        paused = strategy.pause_for_training()
+        stats = trainer.train_step(rolls, cfg.group_size)
+        path = trainer.save_adapter(version_name(step + 1))
+        t2 = time.perf_counter()
+        sync = strategy.publish(step + 1, str(path))
+        t3 = time.perf_counter()
+        rec = StepRecord(step=step, adapter=rolls[0].adapter, reward=sum(r.reward for r in rolls) / len(rolls),
+                         rollout_s=t1 - t0, train_s=t2 - t1, sync_ms=(t3 - t2) * 1e3, step_s=t3 - t0,
+                         output_tokens=sum(len(r.completion_ids) for r in rolls),
+                         prompt_tokens=sum(len(r.prompt_ids) for r in rolls),
+                         cached_tokens=sum(r.cached_tokens for r in rolls), loss=stats["loss"],
+                         clip_ratio=stats.get("clip_ratio", 0.0), ratio_mean=stats.get("ratio_mean", 1.0),
+                         equal_reward_groups=stats["equal_reward_groups"], extra={**paused, **sync.extra})
+        records.append(rec)
+        if on_step:
+            on_step(rec)
+    return records
+
+
+def print_step(total: int, out=sys.stdout) -> Callable[[StepRecord], None]:
+    """A progress bar plus one line per step."""
+    def show(rec: StepRecord) -> None:
+        done = rec.step + 1
+        bar = "#" * (20 * done // total) + "." * (20 - 20 * done // total)
+        print(f"[{bar}] {done}/{total} {rec.adapter:>12} reward {rec.reward:.3f} rollout {rec.rollout_s:.2f}s "
+              f"train {rec.train_s:.2f}s sync {rec.sync_ms:.0f}ms tokens {rec.output_tokens} "
+              f"cached {rec.cached_tokens} equal-groups {rec.equal_reward_groups}", file=out, flush=True)
+    return show
+
+
+STEP_METRICS = {"reward": "reward", "rollout_s": "rollout_s", "train_s": "train_s", "sync_ms": "sync_ms",
+                "step_s": "step_s", "output_tokens": "output_tokens", "cached_tokens": "cached_tokens",
+                "loss": "loss", "equal_reward_groups": "equal_reward_groups_count"}
+EXTRA_METRICS = {"restart_s": "restart_s", "start_s": "server_start_s", "release_s": "release_s",
+                 "resume_s": "resume_s", "released_mib": "released_mib", "stop_s": "server_stop_s"}
+
+
+def step_rows(rec: StepRecord, base: dict) -> list:
+    """One results row per number of the step (metric names carry their units)."""
+    from .results import ResultRow
+
+    base = dict(base)
+    params = {**base.pop("params", {}), "step": rec.step}
+    values = asdict(rec)
+    rows = [ResultRow(metric=metric, value=float(values[key]), params=params, **base)
+            for key, metric in STEP_METRICS.items()]
+    rows += [ResultRow(metric=metric, value=float(rec.extra[key]), params=params, **base)
+             for key, metric in EXTRA_METRICS.items() if rec.extra.get(key) is not None]
+    return rows

@@ -1,0 +1,167 @@
+"""Weight-sync strategies behind one interface: how a new LoRA version reaches the rollout server.
+
+    hot reload      (split mode)  load policy-v{n+1}, switch rollouts to it, unload policy-v{n}
+    restart         (one GPU)     stop the server while training, start it with the newest adapter registered
+    release/resume  (one GPU)     SGLang releases its GPU memory while training, resumes, then hot-loads
+    none            (control)     never publish: rollouts stay on policy-v0 (reward must stay flat)
+
+Every strategy exposes `current`: the adapter name every rollout request must carry. It is None while no
+adapter is servable (a restarting server), and the loop refuses to roll out then: the base model is never
+served by accident. Versioned names avoid SGLang's same-name unload/load race and its "resurrection" of
+unloaded names (see shared notes).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .client import ServerHTTPError, ServerUnreachable
+
+
+class SyncError(RuntimeError):
+    """A sync that did not take effect; the previous version is still the one served."""
+
+
+def version_name(version: int) -> str:
+    return f"policy-v{version}"
+
+
+@dataclass
+class SyncRecord:
+    version: int
+    adapter: str
+    sync_ms: float
+    extra: dict = field(default_factory=dict)  # strategy-specific timings (restart_s, released_mib, ...)
+
+
+class AdapterServer(Protocol):
+    """What a strategy needs from the server: SGLangClient and HFEngine both provide it."""
+    def load_lora_adapter(self, name: str, path: str, pinned: bool = False, timeout_s: float | None = None) -> dict: ...
+    def unload_lora_adapter(self, name: str, timeout_s: float | None = None) -> dict: ...
+    def models(self) -> list[str]: ...
+
+
+class HotReload:
+    name = "hot-reload"
+
+    def __init__(self, server: AdapterServer, timeout_s: float = 60.0, keep_previous: bool = False):
+        self.server = server
+        self.timeout_s = timeout_s
+        self.keep_previous = keep_previous  # True only for tests that compare versions side by side
+        self.current: str | None = None
+        self.current_version: int | None = None
+
+    def pause_for_training(self) -> dict:
+        return {}
+
+    def publish(self, version: int, adapter_path: str) -> SyncRecord:
+        t0 = time.perf_counter()
+        new = version_name(version)
+        loaded = self._call(self.server.load_lora_adapter, new, str(adapter_path))
+        if new not in loaded:
+            raise SyncError(f"load of {new} answered success but loaded_adapters={sorted(loaded)}")
+        old, self.current, self.current_version = self.current, new, version  # switch rollouts first
+        if old and old != new and not self.keep_previous:
+            loaded = self._call(self.server.unload_lora_adapter, old)
+            if old in loaded:
+                raise SyncError(f"unload of {old} answered success but it is still loaded: {sorted(loaded)}")
+        return SyncRecord(version, new, (time.perf_counter() - t0) * 1e3, {"loaded_adapters": len(loaded)})
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args, timeout_s=self.timeout_s)
+        except (ServerHTTPError, ServerUnreachable) as e:
+            raise SyncError(f"{fn.__name__}{args}: {e}; still serving {self.current}") from e
+
+    def close(self) -> None:
+        pass
+
+
+class NoSync(HotReload):
+    """The control run: v0 is published once, later versions are trained but never reach the server."""
+    name = "none"
+
+    def publish(self, version: int, adapter_path: str) -> SyncRecord:
+        if self.current is None:
+            return super().publish(version, adapter_path)
+        return SyncRecord(version, self.current, 0.0, {"skipped": 1})
+
+
+class Restart:
+    """One GPU: the server is stopped while the trainer uses the GPU, then started again with the newest
+    adapter registered at startup (--lora-paths), so no rollout can run before it is servable."""
+    name = "restart"
+
+    def __init__(self, server, verify_timeout_s: float = 30.0):
+        self.server = server  # an SGLangServer (or anything with stop()/restart(**changes)/client)
+        self.current: str | None = None
+        self.current_version: int | None = None
+        self.verify_timeout_s = verify_timeout_s
+
+    def pause_for_training(self) -> dict:
+        t0 = time.perf_counter()
+        self.server.stop()
+        self.current = None  # nothing servable until the restart registers the new adapter
+        return {"stop_s": time.perf_counter() - t0}
+
+    def publish(self, version: int, adapter_path: str) -> SyncRecord:
+        import dataclasses
+
+        new = version_name(version)
+        pool = dataclasses.replace(self.server.config.lora, startup_adapters={new: str(adapter_path)})
+        restart_s = self.server.restart(lora=pool)
+        served = self.server.client.models()
+        if new not in served:
+            raise SyncError(f"server restarted but {new} is not registered: /v1/models lists {served}")
+        self.current, self.current_version = new, version
+        return SyncRecord(version, new, restart_s * 1e3, {"restart_s": restart_s, "start_s": self.server.start_s})
+
+    def close(self) -> None:
+        pass
+
+
+class ReleaseResume(HotReload):
+    """One GPU, for comparison: SGLang releases KV cache and weights (with a CPU backup) while training."""
+    name = "release-resume"
+
+    def __init__(self, client, gpu_index: int | None = None, timeout_s: float = 120.0, server_pids=None):
+        super().__init__(client, timeout_s)
+        self.client = client
+        self.gpu_index = gpu_index
+        self.server_pids = server_pids  # callable -> pids: measure the server's own memory, not the GPU's
+        self._before_mib: float | None = None
+        self._paused: dict = {}
+
+    def pause_for_training(self) -> dict:
+        self._before_mib = self._used_mib()
+        t0 = time.perf_counter()
+        self.client.release_memory_occupation(timeout_s=self.timeout_s)
+        release_s = time.perf_counter() - t0
+        after = self._used_mib()
+        freed = (self._before_mib - after) if (self._before_mib is not None and after is not None) else None
+        self._paused = {"release_s": release_s, "released_mib": freed}
+        return dict(self._paused)
+
+    def publish(self, version: int, adapter_path: str) -> SyncRecord:
+        resume_s = 0.0
+        if self._paused:
+            t0 = time.perf_counter()
+            self.client.resume_memory_occupation(timeout_s=self.timeout_s)
+            resume_s = time.perf_counter() - t0
+        record = super().publish(version, adapter_path)
+        record.extra.update(self._paused, resume_s=resume_s)
+        record.sync_ms += resume_s * 1e3
+        self._paused = {}
+        return record
+
+    def _used_mib(self) -> float | None:
+        if self.gpu_index is None:
+            return None
+        from .metrics import gpu_memory_used_mib, process_memory_mib
+        if self.server_pids is not None:
+            return process_memory_mib(self.gpu_index, self.server_pids())
+        return gpu_memory_used_mib([self.gpu_index]).get(self.gpu_index)
+
+
+STRATEGIES = ("auto", "hot-reload", "restart", "release-resume", "none")

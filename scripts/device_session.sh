@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (offline): install the device kit, then run the GPU work of one session.
+#
+#   bash scripts/device_session.sh split    # 2 GPUs: conformance + run/control
+#   bash scripts/device_session.sh single    # 1 GPU: conformance + restart/release
+#   bash scripts/device_session.sh bench             # the benchmark set
+#
+# Needs .gpu-kit/ (bash ../shared/device-kit/build.sh .gpu-kit) carried with the call. Everything lands in $OUT
+# (at most 8 files come back: server logs are packed into one tarball).
+set -u
+MODE=${1:?split|single|bench}
+OUT=${OUT:-/tmp/splitrl-out}; mkdir -p "$OUT"
+PREFIX=/tmp/splitrl
+bash .gpu-kit/install.sh .gpu-kit "$PREFIX" > "$OUT/install.log" 2>&1 || { tail -40 "$OUT/install.log"; exit 1; }
+tail -1 "$OUT/install.log"
+export SPLITRL_SGLANG_PYTHON=$PREFIX/sglang-venv/bin/python SPLITRL_QWEN_TOKENIZER=$PREFIX/qwen3-tokenizer
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD SPLITRL_CACHE=/tmp/splitrl-cache NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+PY=$PREFIX/train-venv/bin/python
+nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
+# record the kind that actually ran (a call for one card may land on the other)
+N=$(nvidia-smi -L | wc -l); CARD=h100; nvidia-smi -L | grep -q H200 && CARD=h200
+if [ "$CARD" = h200 ] && [ "$N" = 1 ]; then KIND=nvidia-h200; else KIND=nvidia-$CARD-x$N; fi
+export SPLITRL_DEVICE_KIND=$KIND; echo "device kind: $KIND"
+$PY -c "from reference_impl.models import resolve_model; print(resolve_model('tiny'))" || exit 1
+
+splitrl_run() {  # name, then `splitrl run` args
+  local name=$1; shift
+  timeout 480 $PY -m reference_impl.cli run --results "$OUT/run-$name.csv" --log-dir "$OUT/logs" "$@" \
+    > "$OUT/run-$name.log" 2>&1
+  echo "run $name: exit $? | $(tail -1 "$OUT/run-$name.log")"
+}
+
+case $MODE in
+  split)
+    splitrl_run hot-reload --steps 30 --mem-fraction 0.1 & P1=$!
+    splitrl_run control --steps 30 --no-sync --mem-fraction 0.1 & P2=$!
+    timeout 420 $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/pytest.log" 2>&1
+    echo "pytest exit $?"; tail -25 "$OUT/pytest.log"
+    wait $P1 $P2 ;;
+  single)
+    timeout 300 $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/pytest.log" 2>&1
+    echo "pytest exit $?"; tail -25 "$OUT/pytest.log"
+    splitrl_run restart --steps 30 --strategy restart
+    splitrl_run release-resume --steps 30 --strategy release-resume ;;
+  bench)
+    timeout 540 $PY -m pytest suite/benchmarks --benchmark-only -q -rs -p no:cacheprovider --results-dir "$OUT" \
+      --benchmark-json "$OUT/benchmark.json" > "$OUT/bench.log" 2>&1
+    echo "bench exit $?"; tail -25 "$OUT/bench.log" ;;
+esac
+[ -d "$OUT/logs" ] && tar czf "$OUT/server-logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+rm -f "$OUT"/.*.lock
+ls -la "$OUT"

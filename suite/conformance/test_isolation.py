@@ -1,0 +1,54 @@
+"""Isolation in split mode (conformance 9): the server's processes use only the inference GPU(s), the trainer's
+only the training GPU(s) (NVML per-process lists), and nothing of the server listens beyond loopback."""
+import os
+
+import pytest
+
+from reference_impl.metrics import gpu_processes
+from reference_impl.procs import pids_in_group
+
+pytestmark = [pytest.mark.gpu, pytest.mark.gpus(2)]
+LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 as /proc/net prints them
+
+
+def _listening_addresses(pids):
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            continue
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
+                    found.append(cols[1].split(":")[0])
+    return found
+
+
+def test_processes_stay_on_their_gpus(lora_server, gpu_trainer, gpu_plan):
+    plan = gpu_plan["plan"]
+    assert plan.mode == "split"
+    inference = {g.index for g in plan.inference}
+    training = {g.index for g in plan.training}
+    server_pids = set(pids_in_group(lora_server.pid))
+    trainer_pid = os.getpid()
+    by_gpu = gpu_processes(sorted(inference | training))
+    for index, pids in by_gpu.items():
+        if index in training:
+            assert not server_pids & set(pids), f"server process on training GPU {index}"
+        if index in inference:
+            assert trainer_pid not in pids, f"trainer on inference GPU {index}"
+    assert any(server_pids & set(by_gpu.get(i, [])) for i in inference), f"server not seen on {inference}: {by_gpu}"
+    assert any(trainer_pid in by_gpu.get(i, []) for i in training), f"trainer not seen on {training}: {by_gpu}"
+
+
+def test_server_listens_on_loopback_only(lora_server):
+    addresses = _listening_addresses(pids_in_group(lora_server.pid))
+    assert addresses, "no listening socket found for the server's processes"
+    assert set(addresses) <= LOOPBACK, f"non-loopback listeners: {addresses}"

@@ -1,0 +1,60 @@
+"""The one-GPU strategies on a real server: restart fallback (conformance 7), release/resume (conformance 8)."""
+import dataclasses
+
+import pytest
+
+from reference_impl import conformance as C
+from reference_impl.client import SamplingParams
+from reference_impl.procs import pids_in_group
+from reference_impl.results import ResultRow
+from reference_impl.server import SGLangServer
+from reference_impl.sync import ReleaseResume, Restart
+
+from .probes import PROMPTS, reference_logprobs, served_logprobs
+from .test_prefix_cache import LONG
+
+pytestmark = [pytest.mark.gpu, pytest.mark.gpus(1)]
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+
+
+def test_restart_serves_newest_adapter_cold(server_pool, adapter_factory, hf_reference, results_writer):
+    srv = SGLangServer(dataclasses.replace(server_pool.base, mem_fraction_static=0.2)).start()
+    try:
+        strategy = Restart(srv)
+        paused = strategy.pause_for_training()
+        assert strategy.current is None  # the loop refuses to roll out now
+        old_group = srv.process.pid
+        adapter = adapter_factory(rank=16, seed=71)
+        rec = strategy.publish(1, str(adapter))
+        assert pids_in_group(old_group) == [], "a process of the old server survived the restart"
+        C.assert_served(srv.client.models(), "policy-v1")
+        first = srv.client.generate([LONG], GREEDY, lora="policy-v1")[0]
+        C.assert_cold(first.cached_tokens, "first request after restart")
+        C.assert_matches(served_logprobs(srv.client, "policy-v1"), reference_logprobs(hf_reference, adapter),
+                         "restarted server vs HF+PEFT")
+    finally:
+        srv.stop()
+    results_writer.append([ResultRow("conformance", "restart_fallback", "restart_s", rec.extra["restart_s"],
+                                     strategy="restart"),
+                           ResultRow("conformance", "restart_fallback", "server_stop_s", paused["stop_s"],
+                                     strategy="restart")])
+
+
+def test_release_frees_memory_and_outputs_survive(server_pool, adapter_factory, gpu_plan, results_writer):
+    cfg = dataclasses.replace(server_pool.base, memory_saver=True, mem_fraction_static=0.2,
+                              extra_args=["--enable-weights-cpu-backup"])
+    gpu = gpu_plan["plan"].inference[0].index
+    adapter = adapter_factory(rank=16, seed=81)
+    with SGLangServer(cfg) as srv:
+        strategy = ReleaseResume(srv.client, gpu_index=gpu, server_pids=lambda: pids_in_group(srv.pid))
+        strategy.publish(1, str(adapter))
+        before = srv.client.generate(PROMPTS, GREEDY, lora=strategy.current, return_logprob=True)
+        paused = strategy.pause_for_training()
+        assert paused["released_mib"] is not None and paused["released_mib"] > 1024, paused
+        rec = strategy.publish(2, str(adapter))  # resume, then hot-load the (same) weights as v2
+        after = srv.client.generate(PROMPTS, GREEDY, lora=strategy.current, return_logprob=True)
+    assert [r.output_ids for r in after] == [r.output_ids for r in before]
+    C.assert_matches([r.output_logprobs for r in after], [r.output_logprobs for r in before], "after resume")
+    results_writer.append([ResultRow("conformance", "release_resume", m, float(v), strategy="release-resume")
+                           for m, v in (("released_mib", paused["released_mib"]), ("release_s", paused["release_s"]),
+                                        ("resume_s", rec.extra["resume_s"]))])
