@@ -1,12 +1,12 @@
 """The conformance properties as plain functions, so the GPU suite and users' scripts check the same way, and
 CPU tests can show each check fails on a server that has the bug (fixtures/fake_sglang.py bug modes).
 
-Tolerance for SGLang vs HF+PEFT input logprobs (bf16): max |diff| <= 0.15 and mean |diff| <= 0.02 nats.
+Tolerance for SGLang vs HF+PEFT input logprobs (bf16): max |diff| <= 0.15 and mean |diff| <= 0.05 nats.
 Why: both sides run bf16 weights and activations (8-bit mantissa, relative rounding ~4e-3) through kernels
-that sum in different orders; the tiny model's logits reach |5-10|, so single positions can move by a few
+that sum in different orders; the tiny model's logits have std ~2.3 and reach |10|, so positions move by a few
 hundredths and, rarely, ~0.1. SGLang's own HF comparison uses 0.1 on max |diff| with fp16 (3 more mantissa
-bits). Measured on 2xH200 by hand: max 0.004-0.045, mean <= 0.002. A different adapter moves the mean by
-~0.5, so "clearly different" is a mean |diff| of at least 5x the tolerance-level noise and >= 0.05.
+bits). Measured on 2xH200 (suite run, 2026-11-26): max 0.03-0.05, mean 0.011-0.030. A different adapter moves
+the mean by 0.65-1.44, so "clearly different" is a mean |diff| of at least 5x the measured noise and >= 0.1.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 MAX_ABS_TOL = 0.15
-MEAN_ABS_TOL = 0.02
-MIN_DISTINCT_MEAN = 0.05
+MEAN_ABS_TOL = 0.05
+MIN_DISTINCT_MEAN = 0.1
 
 
 class ConformanceError(AssertionError):

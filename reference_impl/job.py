@@ -93,6 +93,17 @@ def _has_unsloth() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
+class _ServerClient:
+    """The client of a server that may come back on another port (the restart strategy picks a free port on
+    every start): resolved per call, so the loop never talks to a stopped server's old address."""
+
+    def __init__(self, server):
+        self._server = server
+
+    def __getattr__(self, name):
+        return getattr(self._server.client, name)
+
+
 class _Terminated(BaseException):
     pass
 
@@ -130,7 +141,7 @@ def run_job(cfg: RunConfig) -> list:
     try:
         if on_gpu:
             server = SGLangServer(_server_config(cfg, plan, str(model.path), strategy_name)).start()
-            engine = server.client
+            engine = _ServerClient(server)
         else:
             from .hf_engine import HFEngine
             engine = HFEngine(str(model.path), seed=cfg.seed)

@@ -138,7 +138,7 @@ class ReleaseResume(HotReload):
         t0 = time.perf_counter()
         self.client.release_memory_occupation(timeout_s=self.timeout_s)
         release_s = time.perf_counter() - t0
-        after = self._used_mib()
+        after = self._settled_mib()
         freed = (self._before_mib - after) if (self._before_mib is not None and after is not None) else None
         self._paused = {"release_s": release_s, "released_mib": freed}
         return dict(self._paused)
@@ -155,6 +155,17 @@ class ReleaseResume(HotReload):
         self._paused = {}
         return record
 
+    def _settled_mib(self, settle_s: float = 5.0) -> float | None:
+        """The lowest reading within settle_s: the scheduler may free memory after the HTTP call returns."""
+        readings = []
+        deadline = time.monotonic() + settle_s
+        while time.monotonic() < deadline:
+            readings.append(self._used_mib())
+            if None in readings:
+                return None
+            time.sleep(0.2)
+        return min(readings)
+
     def _used_mib(self) -> float | None:
         if self.gpu_index is None:
             return None
@@ -162,6 +173,10 @@ class ReleaseResume(HotReload):
         if self.server_pids is not None:
             return process_memory_mib(self.gpu_index, self.server_pids())
         return gpu_memory_used_mib([self.gpu_index]).get(self.gpu_index)
+
+    def device_used_mib(self) -> float | None:
+        from .metrics import gpu_memory_used_mib
+        return None if self.gpu_index is None else gpu_memory_used_mib([self.gpu_index]).get(self.gpu_index)
 
 
 STRATEGIES = ("auto", "hot-reload", "restart", "release-resume", "none")

@@ -27,7 +27,8 @@ def _listening_addresses(pids):
             for line in f.readlines()[1:]:
                 cols = line.split()
                 if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
-                    found.append(cols[1].split(":")[0])
+                    addr, port = cols[1].split(":")
+                    found.append((addr, int(port, 16)))
     return found
 
 
@@ -49,6 +50,8 @@ def test_processes_stay_on_their_gpus(lora_server, gpu_trainer, gpu_plan):
 
 
 def test_server_listens_on_loopback_only(lora_server):
-    addresses = _listening_addresses(pids_in_group(lora_server.pid))
-    assert addresses, "no listening socket found for the server's processes"
-    assert set(addresses) <= LOOPBACK, f"non-loopback listeners: {addresses}"
+    listeners = _listening_addresses(pids_in_group(lora_server.pid))
+    assert (next(a for a, p in listeners if p == lora_server.port) in LOOPBACK), f"HTTP port not loopback: {listeners}"
+    wide = sorted({p for a, p in listeners if a not in LOOPBACK})
+    assert not wide, (f"ports {wide} of the server listen on all interfaces (HTTP port {lora_server.port}; "
+                      f"all listeners {listeners})")

@@ -1,0 +1,169 @@
+"""Closed-loop load generator for SGLang's /generate: one request per prompt, at most C in flight.
+
+Two senders build the SAME request body for a prompt so their throughput can be compared side by side:
+  raw      plain `requests` POST of the JSON body to /generate (a thread-local Session per worker)
+  harness  the reference implementation's SGLangClient.generate (a thread-local client per worker)
+The body is batched-of-one (`"input_ids": [ids]`), exactly what SGLangClient sends for one prompt.
+
+GPU-free: runs against any HTTP server with SGLang's /generate shape (the CPU tests use the FAKE server).
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import requests
+
+TOKEN_LO, TOKEN_HI = 1000, 150000  # ordinary Qwen3 BPE ids: no specials, no EOS
+
+
+def make_prompts(count: int, prompt_len: int, seed: int, round_idx: int, purpose: str = "load",
+                 lo: int = TOKEN_LO, hi: int = TOKEN_HI) -> list[list[int]]:
+    """`count` random prompts of `prompt_len` ids in [lo, hi). The seed includes the round and purpose, so
+    each round (and the TTFT probe) gets new prompts: no prefix-cache hit can flatter a later round."""
+    rng = random.Random(f"{seed}:{purpose}:{round_idx}")
+    return [[rng.randrange(lo, hi) for _ in range(prompt_len)] for _ in range(count)]
+
+
+def sampling_json(gen_len: int, temperature: float = 1.0) -> dict:
+    """The sampling params both paths send: equal to SamplingParams(max_new_tokens=gen_len,
+    temperature=temperature, ignore_eos=True).as_json() (top_p 1.0 and top_k -1 are its defaults)."""
+    return {"max_new_tokens": int(gen_len), "temperature": float(temperature), "top_p": 1.0, "top_k": -1,
+            "ignore_eos": True}
+
+
+def generate_body(prompt: Sequence[int], gen_len: int, lora: str | None, temperature: float = 1.0) -> dict:
+    body = {"input_ids": [list(map(int, prompt))], "sampling_params": sampling_json(gen_len, temperature)}
+    if lora is not None:
+        body["lora_path"] = lora
+    return body
+
+
+@dataclass
+class Reply:
+    """What one request returned, as the server counted it (meta_info) plus len(output_ids)."""
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    output_ids: int
+    latency_s: float = 0.0
+
+
+@dataclass
+class PathResult:
+    """One closed-loop pass over a prompt set: totals and the wall time from first send to last reply."""
+    path: str
+    concurrency: int
+    wall_s: float
+    replies: list[Reply] = field(default_factory=list)
+
+    @property
+    def requests(self) -> int:
+        return len(self.replies)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(r.prompt_tokens for r in self.replies)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(r.completion_tokens for r in self.replies)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(r.cached_tokens for r in self.replies)
+
+    @property
+    def latencies_s(self) -> list[float]:
+        return [r.latency_s for r in self.replies]
+
+
+class RawSender:
+    """Plain HTTP: `requests` POST of generate_body(); no reference_impl client involved."""
+    path = "raw"
+
+    def __init__(self, base_url: str, timeout_s: float = 600.0):
+        self.url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
+
+    def __call__(self, prompt, gen_len: int, lora: str | None, temperature: float = 1.0) -> Reply:
+        r = self._session().post(self.url + "/generate", json=generate_body(prompt, gen_len, lora, temperature),
+                                 timeout=self.timeout_s)
+        if r.status_code != 200:
+            raise RuntimeError(f"/generate -> HTTP {r.status_code}: {r.text[:500]}")
+        js = r.json()
+        item = js[0] if isinstance(js, list) else js
+        meta = item.get("meta_info") or {}
+        return Reply(int(meta.get("prompt_tokens", 0)), int(meta.get("completion_tokens", 0)),
+                     int(meta.get("cached_tokens", 0) or 0), len(item.get("output_ids") or []))
+
+    def flush_cache(self, wait_idle_s: float = 30.0) -> None:
+        """Empty the radix cache (setup between passes, never timed); waits for the server to go idle."""
+        r = requests.post(self.url + "/flush_cache", params={"timeout": wait_idle_s}, timeout=wait_idle_s + 30)
+        if r.status_code != 200:
+            raise RuntimeError(f"/flush_cache -> HTTP {r.status_code}: {r.text[:300]}")
+
+
+class HarnessSender:
+    """The reference implementation's path: SGLangClient.generate([prompt], SamplingParams(...), lora)."""
+    path = "harness"
+
+    def __init__(self, base_url: str, timeout_s: float = 600.0):
+        self.url, self.timeout_s = base_url, timeout_s
+        self._local = threading.local()
+
+    def __call__(self, prompt, gen_len: int, lora: str | None, temperature: float = 1.0) -> Reply:
+        from .client import SamplingParams, SGLangClient
+
+        if not hasattr(self._local, "client"):
+            self._local.client = SGLangClient(self.url, timeout_s=self.timeout_s)
+        res = self._local.client.generate([prompt], SamplingParams(max_new_tokens=gen_len, temperature=temperature,
+                                                                   ignore_eos=True), lora=lora)[0]
+        return Reply(res.prompt_tokens, res.completion_tokens, res.cached_tokens, len(res.output_ids))
+
+
+Sender = Callable[..., Reply]
+
+
+class ClosedLoop:
+    """A pool of C workers that lives across rounds (connections are made once, in the warm-up round).
+    Submitting every prompt at once to C workers is a closed loop: a worker sends its next request as
+    soon as its previous reply arrives, so at most C requests are in flight."""
+
+    def __init__(self, concurrency: int):
+        if concurrency < 1:
+            raise ValueError(f"concurrency {concurrency} must be >= 1")
+        self.concurrency = concurrency
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="loadgen")
+
+    def run(self, send: Sender, prompts: Sequence[Sequence[int]], gen_len: int, lora: str | None,
+            temperature: float = 1.0) -> PathResult:
+        def one(prompt) -> Reply:
+            t = time.perf_counter()
+            reply = send(prompt, gen_len, lora, temperature)
+            reply.latency_s = time.perf_counter() - t
+            return reply
+
+        t0 = time.perf_counter()
+        futures = [self._pool.submit(one, p) for p in prompts]
+        replies = [f.result() for f in futures]  # re-raises the first failure
+        return PathResult(getattr(send, "path", "custom"), self.concurrency, time.perf_counter() - t0, replies)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "ClosedLoop":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
