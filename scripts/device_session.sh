@@ -38,6 +38,11 @@ case $MODE in
     timeout 420 $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/pytest.log" 2>&1
     echo "pytest exit $?"; tail -25 "$OUT/pytest.log"
     wait $P1 $P2 ;;
+  split-restart)  # conformance on 2 GPUs; the restart fallback alone on GPU 1 (shared mode: one GPU)
+    splitrl_run restart --steps 4 --strategy restart --inference-gpus 1 --training-gpus 1 --mem-fraction 0.15 & P1=$!
+    timeout 480 $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/pytest.log" 2>&1
+    echo "pytest exit $?"; tail -25 "$OUT/pytest.log"
+    wait $P1 ;;
   single)  # a restart costs a server start (~45 s): 5 steps of it; release/resume is fast: 30
     splitrl_run restart --steps 5 --strategy restart --mem-fraction 0.1 & P1=$!
     splitrl_run release-resume --steps 30 --strategy release-resume --mem-fraction 0.1 & P2=$!
