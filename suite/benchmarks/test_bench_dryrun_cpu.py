@@ -1,0 +1,117 @@
+"""Dry run of the GPU benchmark bodies on the CPU, against the FAKE SGLang server launched as a child process.
+
+The fake (fixtures.fake_sglang) is a TEST DOUBLE: these runs prove that the benchmark code paths (server slot,
+side-by-side rounds, adapters, sync strategies, rows into the results CSV) work end to end; every number
+they produce is meaningless and goes to a temp CSV. pytest-benchmark is replaced by a stub, so nothing here
+shows up as a benchmark. Step benchmarks are not dry-run: their trainer needs CUDA.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from fixtures.gpu import TEST_POOL, ServerPool
+from reference_impl.devices import GpuInfo
+from reference_impl.results import ResultsWriter, read_results
+from reference_impl.server import ServerConfig
+
+from . import test_bench_rollout as rollout_mod
+from . import test_bench_sync as sync_mod
+from .conftest import ServerSlot
+
+
+class StubBenchmark:
+    """The part of pytest-benchmark's fixture the benchmarks use: pedantic (warm-up, then rounds)."""
+
+    def __init__(self):
+        self.extra_info: dict = {}
+        self.group = None
+        self.calls = 0
+
+    def pedantic(self, fn, rounds, iterations=1, warmup_rounds=0):
+        assert iterations == 1
+        for _ in range(warmup_rounds + rounds):
+            fn()
+            self.calls += 1
+
+
+@pytest.fixture
+def pool(tmp_path, model_dir):
+    base = ServerConfig(python=sys.executable, model_path=str(model_dir.path), launch_module="fixtures.fake_sglang",
+                        lora=TEST_POOL, log_dir=tmp_path / "logs", startup_timeout_s=60)
+    p = ServerPool(base)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def plan():
+    h100 = dict(uuid="GPU-fake", name="NVIDIA H100 80GB HBM3", total_mib=81559, free_mib=81559)
+    return SimpleNamespace(mode="split", inference=[GpuInfo(0, 0, **h100)], training=[GpuInfo(1, 1, **h100)],
+                           tp_size=1)
+
+
+@pytest.fixture
+def writer(tmp_path):
+    return ResultsWriter(tmp_path / "dry.csv", fingerprint={})
+
+
+def _rows(writer):
+    df = read_results(writer.path)
+    return [(m, json.loads(p)) for m, p in zip(df["metric"], df["params"])]
+
+
+@pytest.mark.parametrize("variant", ["base", "lora"])
+def test_rollout_body_on_the_fake(variant, pool, plan, writer, tmp_path_factory, monkeypatch):
+    for name, value in dict(PROMPT_LEN=12, GEN_LEN=4, ROUNDS=2, REQUESTS_PER_SLOT=2).items():
+        monkeypatch.setattr(rollout_mod, name, value)
+    slot, bench = ServerSlot(pool), StubBenchmark()
+    try:
+        for c in (1, 3):
+            rollout_mod.test_rollout_throughput(bench, "tiny", variant, c, slot, plan, writer, tmp_path_factory)
+    finally:
+        slot.release()
+    assert bench.calls == 2 * (1 + 2) and "nvml_error" in bench.extra_info  # no NVML here: recorded, not raised
+    rows = _rows(writer)
+    tput = [p for m, p in rows if m == "output_tok_s"]
+    assert {(p["concurrency"], p["path"]) for p in tput} == {(1, "raw"), (1, "harness"), (3, "raw"), (3, "harness")}
+    assert {p["lora"] for p in tput} == {16 if variant == "lora" else "base"}
+    assert [m for m, _ in rows].count("server_start_s") == 1  # started once, reused for the second concurrency
+    assert {"mbu", "ttft_p50_ms", "ttft_p99_ms", "harness_over_raw_ratio", "requests_count"} <= {m for m, _ in rows}
+
+
+def test_hot_reload_body_on_the_fake(pool, plan, writer, adapter_factory, model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(sync_mod, "SYNC_ROUNDS", 3)
+    slot, bench = ServerSlot(pool), StubBenchmark()
+    request = SimpleNamespace(getfixturevalue=lambda name: pool.get())
+    sync_mod.test_hot_reload(bench, "session", 8, request, slot, adapter_factory, model_dir, plan, writer, tmp_path)
+    served = pool.get().client.models()
+    assert bench.calls == 4 and not [m for m in served if m.startswith("policy-v")]  # the last one was unloaded
+    metrics = {m: p for m, p in _rows(writer)}
+    assert {"sync_ms", "sync_min_ms", "sync_max_ms", "first_request_ms", "next_request_ms"} <= set(metrics)
+    assert metrics["sync_ms"] == {"rank": 8, "modules": "all-linear", "rounds": 3, "stat": "median"}
+
+
+def test_restart_body_on_the_fake(pool, plan, writer, adapter_factory, model_dir, tmp_path):
+    bench = StubBenchmark()
+    sync_mod.test_restart_fallback(bench, pool, model_dir, adapter_factory, plan, writer, tmp_path)
+    rows = [(m, p["cache"]) for m, p in _rows(writer) if "cache" in p]
+    assert ("restart_s", "cold") in rows and ("restart_s", "warm") in rows and ("server_stop_s", "warm") in rows
+
+
+def test_release_resume_body_on_the_fake(pool, plan, writer, adapter_factory, model_dir, monkeypatch):
+    monkeypatch.setattr(sync_mod, "RELEASE_ROUNDS", 2)
+    # NVML stand-in: 9000 MiB before each release, 3000 once it has settled
+    monkeypatch.setattr("reference_impl.sync.ReleaseResume._used_mib", lambda self: 9000.0)
+    monkeypatch.setattr("reference_impl.sync.ReleaseResume._settled_mib", lambda self: 3000.0)
+    slot, bench = ServerSlot(pool), StubBenchmark()
+    try:
+        sync_mod.test_release_resume(bench, slot, model_dir, adapter_factory, plan, writer)
+    finally:
+        slot.release()
+    metrics = {m for m, _ in _rows(writer)}
+    assert {"release_s", "resume_s", "released_mib", "sync_ms"} <= metrics
+    assert bench.extra_info["released_mib"] == 6000.0
