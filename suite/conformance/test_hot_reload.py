@@ -71,9 +71,29 @@ def test_served_policy_changes_every_step(lora_server, gpu_trainer, hf_reference
             strategy.publish(101 + step, str(path))
             C.assert_served(client.models(), strategy.current, retired)
             served = served_logprobs(client, strategy.current)
-            noise = C.assert_matches(served, reference_logprobs(hf_reference, path), f"step {step}")
+            # the same file loaded fresh under a new name: any difference is the server serving stale weights
+            client.load_lora_adapter(f"fresh-{step}", str(path))
+            fresh = served_logprobs(client, f"fresh-{step}")
+            client.unload_lora_adapter(f"fresh-{step}")
+            C.assert_matches(served, fresh, f"step {step}: {strategy.current} vs the same file loaded fresh")
+            reference = reference_logprobs(hf_reference, path)
+            try:
+                noise = C.assert_matches(served, reference, f"step {step}")
+            except C.ConformanceError as e:
+                raise C.ConformanceError(f"{e} [{_scale_note(reference, path)}]") from None
             if previous is not None:
                 C.assert_differs(served, previous, f"step {step} vs step {step - 1}", noise)
             previous = served
     finally:
         client.unload_lora_adapter(strategy.current)
+
+
+def _scale_note(reference, adapter_dir) -> str:
+    """What a reader needs to tell bf16 rounding of large logits from a serving bug."""
+    from safetensors.torch import load_file
+    flat = [abs(x) for row in reference for x in row]
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    big = max(float(t.abs().max()) for t in tensors.values())
+    dtypes = sorted({str(t.dtype) for t in tensors.values()})
+    return (f"reference |logprob| mean {sum(flat) / len(flat):.2f} max {max(flat):.2f}; adapter max |w| {big:.3f} "
+            f"dtypes {dtypes}")

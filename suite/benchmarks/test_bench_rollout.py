@@ -1,0 +1,118 @@
+"""Rollout throughput of SGLang, raw HTTP and the harness side by side, per shape, variant and concurrency.
+
+Environment (defaults in brackets):
+  SPLITRL_BENCH_SHAPES        [qwen3-0.6b,qwen3-1.7b,qwen3-4b]  base-model shapes (dummy weights)
+  SPLITRL_BENCH_LORA_SHAPES   [qwen3-1.7b]   shapes also measured with a rank-16 all-linear LoRA (real
+                              random weights; the adapter is built with PEFT on the CPU, so keep 4B off)
+  SPLITRL_BENCH_CONCURRENCY   [1,16,64,256]  closed-loop concurrency C
+  SPLITRL_BENCH_PROMPT_LEN    [256]    SPLITRL_BENCH_GEN_LEN [256]    SPLITRL_BENCH_ROUNDS [2]
+  SPLITRL_BENCH_REQUESTS_PER_SLOT [2]  requests per round = C * this
+  SPLITRL_BENCH_MEM_FRACTION  [the pool's: 0.5 split, 0.3 shared]  --mem-fraction-static of the server
+
+Each round: TTFT probe, then raw and harness on the same new prompt set (definitions: reference_impl/bench.py).
+One server per (shape, variant), reused across concurrencies, stopped before the next one starts.
+"""
+from __future__ import annotations
+
+import pytest
+
+from reference_impl.bench import (LoadSpec, SideBySide, env_float, env_int, env_ints, env_list, extra_info,
+                                  load_rows, reply_problems, row_base, scalar_rows, server_capacity)
+from reference_impl.server import ALL_LINEAR, LoraPoolConfig
+
+from .conftest import model_with_weights, watch_vram
+
+pytestmark = [pytest.mark.gpu, pytest.mark.benchmark]
+
+SHAPES = env_list("SPLITRL_BENCH_SHAPES", "qwen3-0.6b,qwen3-1.7b,qwen3-4b")
+LORA_SHAPES = env_list("SPLITRL_BENCH_LORA_SHAPES", "qwen3-1.7b")
+CONCURRENCY = env_ints("SPLITRL_BENCH_CONCURRENCY", "1,16,64,256")
+PROMPT_LEN = env_int("SPLITRL_BENCH_PROMPT_LEN", 256)
+GEN_LEN = env_int("SPLITRL_BENCH_GEN_LEN", 256)
+ROUNDS = env_int("SPLITRL_BENCH_ROUNDS", 2)
+REQUESTS_PER_SLOT = env_int("SPLITRL_BENCH_REQUESTS_PER_SLOT", 2)
+MEM_FRACTION = env_float("SPLITRL_BENCH_MEM_FRACTION", None)
+WARMUP = 1
+LORA_RANK = 16
+ADAPTER = f"bench-r{LORA_RANK}"
+
+# Ordered so that each (shape, variant) server serves all its concurrencies before the next one starts.
+CASES = [(shape, variant, c) for shape in SHAPES
+         for variant in (("base", "lora") if shape in LORA_SHAPES else ("base",)) for c in CONCURRENCY]
+_adapters: dict[str, tuple[str, str]] = {}  # shape -> (weights dir, adapter dir)
+
+
+def _lora_assets(shape: str, tmp_path_factory) -> tuple[str, str]:
+    if shape not in _adapters:
+        from reference_impl.adapters import make_peft_adapter
+
+        model = model_with_weights(shape)
+        out = tmp_path_factory.mktemp(f"adapter-{shape}") / ADAPTER
+        make_peft_adapter(str(model.path), out, rank=LORA_RANK, target_modules=ALL_LINEAR, seed=0)
+        _adapters[shape] = (str(model.path), str(out))
+    return _adapters[shape]
+
+
+def _overrides(shape: str, variant: str, tmp_path_factory) -> tuple[dict, str]:
+    """ServerPool overrides for the variant, plus the model dir whose config.json gives the MBU shape."""
+    from reference_impl.models import resolve_model
+
+    common = {"cuda_graphs": True}
+    if MEM_FRACTION is not None:
+        common["mem_fraction_static"] = MEM_FRACTION
+    if variant == "base":  # dummy weights: no LoRA possible on this server (see performance notes)
+        path = str(resolve_model(shape, weights=False).path)
+        return {**common, "model_path": path, "load_format": "dummy", "lora": None}, path
+    weights, _ = _lora_assets(shape, tmp_path_factory)
+    pool = LoraPoolConfig(max_rank=LORA_RANK, target_modules=ALL_LINEAR, max_loras_per_batch=4)
+    return {**common, "model_path": weights, "load_format": "auto", "lora": pool}, weights
+
+
+def _ensure_adapter(srv, shape: str) -> None:
+    client = srv.client
+    if ADAPTER in client.models():
+        return
+    loaded = client.load_lora_adapter(ADAPTER, _adapters[shape][1], timeout_s=120)  # raises with SGLang's reason
+    assert ADAPTER in loaded, f"load of {ADAPTER} answered success but loaded_adapters={sorted(loaded)}"
+
+
+@pytest.mark.parametrize("shape,variant,concurrency", CASES, ids=[f"{s}-{v}-c{c}" for s, v, c in CASES])
+def test_rollout_throughput(benchmark, shape, variant, concurrency, server_slot, bench_plan, results_writer,
+                            tmp_path_factory):
+    import json
+    from pathlib import Path
+
+    benchmark.group = f"rollout-{shape}-{variant}"
+    info = benchmark.extra_info
+    overrides, config_dir = _overrides(shape, variant, tmp_path_factory)
+    model_config = json.loads((Path(config_dir) / "config.json").read_text())
+    mem_fraction = overrides.get("mem_fraction_static", server_slot.pool.base.mem_fraction_static)
+    base = row_base(f"rollout_{variant}", shape, mode=bench_plan.mode)
+    params = {"concurrency": concurrency, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN,
+              "lora": LORA_RANK if variant == "lora" else "base", "mem_fraction": mem_fraction}
+    spec = LoadSpec(concurrency, PROMPT_LEN, GEN_LEN, lora=ADAPTER if variant == "lora" else None,
+                    lora_rank=LORA_RANK, requests_per_slot=REQUESTS_PER_SLOT)
+    indices = [g.index for g in bench_plan.inference]
+    with watch_vram(indices, results_writer, base, params, info):
+        srv = server_slot.get(**overrides)
+        started = server_slot.started
+        if variant == "lora":
+            _ensure_adapter(srv, shape)
+        capacity, max_running = server_capacity(srv.client.server_info())
+        sbs = SideBySide(srv.url, spec)
+        try:
+            benchmark.pedantic(sbs, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)
+        finally:
+            sbs.close()
+    measured = sbs.measured(WARMUP)
+    problems = reply_problems(measured, GEN_LEN, PROMPT_LEN)
+    assert not problems, f"{len(problems)} replies with unexpected token counts: {problems[:5]}"
+    rows = load_rows(base, spec, measured, model_config=model_config, gpu_name=bench_plan.inference[0].name,
+                     n_gpus=bench_plan.tp_size, token_capacity=capacity, max_running=max_running,
+                     extra_params={"mem_fraction": mem_fraction})
+    if started:  # the server was launched for this case: its launch-to-healthy time is a number too
+        rows += scalar_rows(base, {"server_start_s": srv.start_s}, {"mem_fraction": mem_fraction,
+                                                                   "lora": params["lora"], "cuda_graphs": True})
+    results_writer.append(rows)
+    info.update(extra_info(spec, measured, rows))
+    info.update(token_capacity=capacity, max_running=max_running, server_log=str(srv.log_path))

@@ -1,0 +1,183 @@
+"""End-to-end GRPO step time with its breakdown, per weight-sync strategy, plus the TRL peer in the same run.
+
+Environment (defaults in brackets):
+  SPLITRL_BENCH_STEP_MODEL    [tiny]  shape or local dir (same model for every variant and the peer)
+  SPLITRL_BENCH_STEPS         [5]     GRPO steps per variant
+  SPLITRL_BENCH_STEP_PROMPTS  [4]     prompts per step     SPLITRL_BENCH_STEP_GROUP [8]  group size
+  SPLITRL_BENCH_STEP_GEN_LEN  [64]    max new tokens (ignore_eos; TRL: min_new_tokens = max)
+
+Variants: split (inference GPU(s) + training GPU, hot reload), single-GPU restart and single-GPU
+release/resume (server and trainer on the first training GPU, which is the only GPU on a 1-GPU machine), and
+TRL GRPOTrainer with HF generate on the training GPU. Rows: per step (reference_impl.loop.step_rows, params
+step=k) and summaries: step_s/rollout_s/train_s/sync_ms with stat=median_after_first (step 0 carries the
+first-use compile: the warm-up), and step_s with stat=wall_per_step (whole run wall / steps; TRL's
+train_runtime / steps). The loop runs once (pedantic rounds=1, no warm-up round: step 0 is the warm-up).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import pytest
+
+from reference_impl.bench import env_int, row_base, scalar_rows, stat_values
+from reference_impl.loop import LoopConfig, run_loop, step_rows
+from reference_impl.server import ALL_LINEAR, LoraPoolConfig, SGLangServer
+
+from .conftest import free_cuda_cache, model_with_weights, trainer_backend, watch_vram
+
+pytestmark = [pytest.mark.gpu, pytest.mark.benchmark]
+
+STEP_MODEL = os.environ.get("SPLITRL_BENCH_STEP_MODEL", "tiny")
+LOOP = LoopConfig(steps=env_int("SPLITRL_BENCH_STEPS", 5), prompts_per_step=env_int("SPLITRL_BENCH_STEP_PROMPTS", 4),
+                  group_size=env_int("SPLITRL_BENCH_STEP_GROUP", 8),
+                  max_new_tokens=env_int("SPLITRL_BENCH_STEP_GEN_LEN", 64))
+RANK, ALPHA, LR = 16, 32, 2e-2
+POOL = LoraPoolConfig(max_rank=RANK, target_modules=ALL_LINEAR, max_loras_per_batch=4, max_loaded_loras=8)
+OWN_MEM_FRACTION = 0.3  # leaves room for the trainer (single GPU) or the session lora_server (split)
+SUMMARY = ("rollout_s", "train_s", "sync_ms", "step_s", "restart_s", "release_s", "resume_s", "released_mib")
+
+
+@pytest.fixture(scope="module")
+def step_model():
+    return model_with_weights(STEP_MODEL)
+
+
+def _params() -> dict:
+    return {"steps": LOOP.steps, "prompts": LOOP.prompts_per_step, "group_size": LOOP.group_size,
+            "max_new_tokens": LOOP.max_new_tokens, "rank": RANK, "lr": LR}
+
+
+def _run_variant(benchmark, results_writer, model, engine, strategy, name: str, mode: str, gpus: list[int]):
+    """run_loop once under pedantic; per-step rows and summaries; trainer memory handed back after."""
+    from reference_impl.tasks import WordStartTask
+    from reference_impl.trainer import LoraSpec, LoraTrainer, TrainerConfig
+
+    backend = trainer_backend()
+    benchmark.group = "grpo-step"
+    base = row_base(f"step_{name}", model.name, mode=mode, strategy=strategy.name)
+    params = {**_params(), "trainer": backend}
+    trainer = LoraTrainer(TrainerConfig(model_path=str(model.path), backend=backend,
+                                        lora=LoraSpec(rank=RANK, alpha=ALPHA), lr=LR, device="cuda",
+                                        dtype="bfloat16"))
+    task = WordStartTask(str(model.path))
+    out: dict = {}
+
+    def once():
+        t0 = time.perf_counter()
+        out["records"] = run_loop(LOOP, trainer, engine, strategy, task)
+        out["wall_s"] = time.perf_counter() - t0
+
+    try:
+        with watch_vram(gpus, results_writer, base, params, benchmark.extra_info):
+            benchmark.pedantic(once, rounds=1, iterations=1, warmup_rounds=0)
+    finally:
+        trainer.close()
+        del trainer
+        free_cuda_cache()
+    records = out["records"]
+    rows = [row for rec in records for row in step_rows(rec, {**base, "params": params})]
+    later = records[1:] or records
+    series = {k: [getattr(r, k) for r in later] if k in ("rollout_s", "train_s", "sync_ms", "step_s")
+              else [r.extra[k] for r in later if r.extra.get(k) is not None] for k in SUMMARY}
+    summary = stat_values(series)
+    rows += scalar_rows(base, summary, {**params, "stat": "median_after_first"})
+    rows += scalar_rows(base, {"step_s": out["wall_s"] / LOOP.steps}, {**params, "stat": "wall_per_step"})
+    results_writer.append(rows)
+    benchmark.extra_info.update(summary, wall_per_step_s=out["wall_s"] / LOOP.steps,
+                                rewards=[r.reward for r in records], trainer=backend)
+    assert len(records) == LOOP.steps
+
+
+def _single_gpu_config(server_pool, bench_plan, model, **changes):
+    """The server on the first TRAINING GPU: the trainer (this process, cuda:0) and SGLang share it."""
+    return dataclasses.replace(server_pool.base, model_path=str(model.path), gpu_ids=str(bench_plan.training[0].index),
+                               tp_size=1, lora=POOL, mem_fraction_static=OWN_MEM_FRACTION, **changes)
+
+
+@pytest.mark.gpus(1)
+def test_step_trl_peer(benchmark, bench_plan, step_model, results_writer, tmp_path):
+    """TRL GRPOTrainer, HF generate (no vLLM), same model/task/group size/rank/length, on the training GPU.
+    First in this module: importing Unsloth (the other variants' trainer) patches TRL's trainers in place, and
+    the peer must be plain TRL. Whether Unsloth was already imported is recorded in params."""
+    import sys
+
+    from .trl_peer import build_trl_grpo, run_trl
+
+    benchmark.group = "grpo-step"
+    base = row_base("step_trl_peer", step_model.name, mode="single", strategy="in-process", backend="trl-hf")
+    params = {**_params(), "trainer": "trl", "unsloth_imported": "unsloth" in sys.modules}
+    trainer = build_trl_grpo(str(step_model.path), str(tmp_path / "trl"), steps=LOOP.steps,
+                             prompts_per_step=LOOP.prompts_per_step, group_size=LOOP.group_size,
+                             max_new_tokens=LOOP.max_new_tokens, rank=RANK, alpha=ALPHA, lr=LR, device="cuda")
+    out: dict = {}
+    try:
+        with watch_vram([bench_plan.training[0].index], results_writer, base, params, benchmark.extra_info):
+            benchmark.pedantic(lambda: out.update(run=run_trl(trainer)), rounds=1, iterations=1, warmup_rounds=0)
+    finally:
+        del trainer
+        free_cuda_cache()
+    run = out["run"]
+    later = run.step_times_s[1:] or run.step_times_s
+    rows = scalar_rows(base, stat_values({"step_s": later}), {**params, "stat": "median_after_first"})
+    rows += scalar_rows(base, {"step_s": run.wall_per_step_s}, {**params, "stat": "wall_per_step"})
+    rows += [r for k, v in enumerate(run.step_times_s)
+             for r in scalar_rows(base, {"step_s": v, "reward": run.rewards[k] if k < len(run.rewards) else None},
+                                  {**params, "step": k})]
+    results_writer.append(rows)
+    benchmark.extra_info.update(step_times_s=run.step_times_s, wall_per_step_s=run.wall_per_step_s,
+                                rewards=run.rewards, completion_mean_len=run.completion_mean_len)
+    assert run.steps == LOOP.steps
+
+
+@pytest.mark.gpus(2)
+def test_step_split_hot_reload(benchmark, server_slot, bench_plan, step_model, results_writer):
+    from reference_impl.sync import HotReload
+
+    if bench_plan.mode != "split":
+        pytest.skip(f"GPU plan is {bench_plan.mode!r}, not split: pass --inference-gpus/--training-gpus apart")
+    srv = server_slot.get(model_path=str(step_model.path), lora=POOL, mem_fraction_static=OWN_MEM_FRACTION)
+    strategy = HotReload(srv.client)
+    gpus = [g.index for g in bench_plan.inference + bench_plan.training]
+    try:
+        _run_variant(benchmark, results_writer, step_model, srv.client, strategy, "split", "split", gpus)
+    finally:
+        if strategy.current:
+            srv.client.unload_lora_adapter(strategy.current)
+
+
+@pytest.mark.gpus(1)
+def test_step_single_gpu_restart(benchmark, server_pool, bench_plan, step_model, results_writer):
+    from reference_impl.sync import Restart
+
+    srv = SGLangServer(_single_gpu_config(server_pool, bench_plan, step_model))  # Restart.publish(0) starts it
+    try:
+        _run_variant(benchmark, results_writer, step_model, _ClientOf(srv), Restart(srv), "restart", "single",
+                     [bench_plan.training[0].index])
+    finally:
+        srv.stop()
+
+
+@pytest.mark.gpus(1)
+def test_step_single_gpu_release_resume(benchmark, server_pool, bench_plan, step_model, results_writer):
+    from reference_impl.sync import ReleaseResume
+
+    gpu = bench_plan.training[0].index
+    srv = SGLangServer(_single_gpu_config(server_pool, bench_plan, step_model, memory_saver=True,
+                                          extra_args=["--enable-weights-cpu-backup"])).start()
+    try:
+        _run_variant(benchmark, results_writer, step_model, srv.client, ReleaseResume(srv.client, gpu_index=gpu),
+                     "release_resume", "single", [gpu])
+    finally:
+        srv.stop()
+
+
+class _ClientOf:
+    """The engine for the restart variant: the server's client, looked up per call (a restart gets a new port)."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def generate(self, *args, **kwargs):
+        return self.server.client.generate(*args, **kwargs)
