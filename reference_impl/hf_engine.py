@@ -44,8 +44,19 @@ class HFEngine:
             self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name).eval()
         else:
             self.model.load_adapter(path, adapter_name=name)
+        self._cast_adapter(name)
         self.adapters[name] = path
         return dict(self.adapters)
+
+    def _cast_adapter(self, name: str) -> None:
+        """Hold the adapter in the model's dtype, as a server does. PEFT keeps LoRA weights in float32 (it even
+        upcasts bf16 files) and so computes the LoRA path more precisely than any bf16 server; with the large
+        LoRA weights of a sharply trained policy that alone moved logprobs by ~0.2 nats (2xH200, H100 runs)."""
+        dtype = self.base.dtype
+        with self.torch.no_grad():
+            for pname, p in self.model.named_parameters():
+                if f".{name}." in pname and "lora_" in pname and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
 
     def unload_lora_adapter(self, name: str, timeout_s: float = 0) -> dict:
         if name not in self.adapters:
