@@ -155,7 +155,7 @@ def test_load_that_answers_success_without_loading_is_a_sync_error(versions):
 
 def test_sync_has_a_bound(tmp_path, versions):
     """Unload waits for in-flight requests (as SGLang does); a sync that would wait longer fails by its timeout."""
-    state = FakeSGLangState(enable_lora=True, max_lora_rank=16, target_modules=ATTENTION, request_delay_s=2.0)
+    state = FakeSGLangState(enable_lora=True, max_lora_rank=16, target_modules=ATTENTION, request_delay_s=3.0)
     with FakeSGLangServer(state) as srv:
         client = SGLangClient(srv.url, timeout_s=10)
         strategy = HotReload(client, timeout_s=0.5)
@@ -169,7 +169,7 @@ def test_sync_has_a_bound(tmp_path, versions):
         t0 = time.perf_counter()
         with pytest.raises(SyncError, match="no answer within 0.5s"):
             strategy.publish(1, versions[1])
-        assert time.perf_counter() - t0 < 1.8
+        assert time.perf_counter() - t0 < 2.5, "the sync waited for the in-flight request"
         busy.join(timeout=10)
 
 
