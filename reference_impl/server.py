@@ -114,6 +114,7 @@ class SGLangServer:
         self.process: ManagedProcess | None = None
         self.start_s: float | None = None
         self.stopped_by: str | None = None
+        self._client: SGLangClient | None = None
 
     @property
     def url(self) -> str:
@@ -121,7 +122,10 @@ class SGLangServer:
 
     @property
     def client(self) -> SGLangClient:
-        return SGLangClient(self.url)
+        """One client (one HTTP session, reused connections) per port the server has had."""
+        if self._client is None or self._client.base_url != self.url:
+            self._client = SGLangClient(self.url)
+        return self._client
 
     @property
     def pid(self) -> int:
