@@ -14,22 +14,10 @@ import requests
 from fixtures.fake_sglang import FakeSGLangServer
 from fixtures.fake_sglang_state import FakeSGLangState
 from reference_impl.client import SamplingParams, ServerHTTPError, ServerUnreachable, SGLangClient
-from suite.unit.adapters_for_tests import ATTENTION, make_adapter
+from suite.unit.adapters_for_tests import make_adapter
 
 GREEDY = SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
 PROMPT = list(range(100, 120))
-
-
-@pytest.fixture
-def fake():
-    state = FakeSGLangState(model_path="fake-model", enable_lora=True, max_lora_rank=16, target_modules=ATTENTION)
-    with FakeSGLangServer(state) as srv:
-        yield srv
-
-
-@pytest.fixture
-def client(fake) -> SGLangClient:
-    return SGLangClient(fake.url, timeout_s=10)
 
 
 @pytest.fixture

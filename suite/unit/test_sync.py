@@ -55,22 +55,6 @@ class AdapterTrainer:
 
 
 @pytest.fixture
-def state() -> FakeSGLangState:
-    return FakeSGLangState(model_path="fake-model", enable_lora=True, max_lora_rank=16, target_modules=ATTENTION)
-
-
-@pytest.fixture
-def fake(state):
-    with FakeSGLangServer(state) as srv:
-        yield srv
-
-
-@pytest.fixture
-def client(fake) -> SGLangClient:
-    return SGLangClient(fake.url, timeout_s=10)
-
-
-@pytest.fixture
 def versions(tmp_path) -> list[str]:
     """Three adapter versions with different weights (v0, v1, v2)."""
     return [make_adapter(tmp_path / f"v{i}", seed=i) for i in range(3)]
