@@ -39,11 +39,12 @@ def cmd_plan(args) -> int:
     plan = make_plan(gpus, _gpu_list(args.inference_gpus), _gpu_list(args.training_gpus), args.tp,
                      model_weight_bytes=_model_weight_bytes(args.model))
     print(format_plan(plan, reason))
-    if args.ddp and plan.mode == "split":
-        from .ddp import torchrun_argv
-        from .ddp import training_env
-        env = " ".join(f"{k}={v}" for k, v in training_env(plan).items())
-        print("training launch:", env, " ".join(torchrun_argv(plan, ["<trainer script>"])))
+    if args.ddp and plan.mode == "split" and len(plan.training) > 1:
+        from .ddp import relaunch_env, torchrun_argv
+        env = " ".join(f"{k}={v}" for k, v in relaunch_env().items())
+        print(f"training:      {len(plan.training)} DDP ranks, each pinned to CUDA_VISIBLE_DEVICES="
+              f"{plan.training_cvd()} (rank i on cuda:i)")
+        print("launch:       ", env, " ".join(torchrun_argv(plan, ["-m", "reference_impl.cli", "run", "..."])))
     return 0
 
 
@@ -74,7 +75,7 @@ def cmd_env(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .job import RunConfig, run_job
+    from .job import RunConfig, ddp_relaunch_argv, run_job
     from .loop import LoopConfig
 
     loop = LoopConfig(steps=args.steps, prompts_per_step=args.prompts, group_size=args.group_size,
@@ -85,7 +86,16 @@ def cmd_run(args) -> int:
                     tp=args.tp, sglang_python=args.sglang_python, lr=args.lr, rank=args.rank, seed=args.seed,
                     results=Path(args.results), log_dir=Path(args.log_dir), cuda_graphs=args.cuda_graphs,
                     mem_fraction=args.mem_fraction)
+    relaunch = ddp_relaunch_argv(cfg, args.raw_argv)
+    if relaunch:  # a training group of several GPUs: one process per GPU
+        import os
+        import subprocess
+        from .ddp import relaunch_env
+        print("training group of several GPUs: relaunching as", " ".join(relaunch), flush=True)
+        return subprocess.call(relaunch, env={**os.environ, **relaunch_env()})
     records = run_job(cfg)
+    if not records:  # a DDP rank other than 0: rank 0 reports
+        return 0
     first, last = records[0].reward, sum(r.reward for r in records[-5:]) / min(5, len(records))
     print(f"done: {len(records)} steps, reward {first:.3f} -> {last:.3f} (mean of last 5); rows in {cfg.results}")
     return 0
@@ -151,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.raw_argv = list(argv) if argv is not None else sys.argv[1:]  # a DDP relaunch repeats them
     from .devices import NoGpuError, PlanError
     from .envs import EnvError
     from .models import ModelError

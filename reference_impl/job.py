@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .devices import SplitPlan, inventory_status, make_plan
-from .loop import LoopConfig, print_step, run_loop, step_rows
+from .ddp import DDP_ENV, DistContext, torchrun_argv
+from .loop import LoopConfig, follow_loop, print_step, run_loop, step_rows
 from .models import resolve_model
 from .server import ALL_LINEAR, LoraPoolConfig, SGLangServer, ServerConfig
 
@@ -112,10 +113,32 @@ def _raise_terminated(signum, frame):
     raise _Terminated(f"signal {signum}")
 
 
+def ddp_relaunch_argv(cfg: RunConfig, cli_args: list[str], inventory=None) -> list[str] | None:
+    """The torchrun command this run must become (a training group of several GPUs), or None.
+    Ranks re-plan from the same NVML inventory, so the relaunch keeps every GPU visible."""
+    if os.environ.get(DDP_ENV) or cfg.engine != "sglang":
+        return None
+    plan = make_plan(inventory if inventory is not None else inventory_status()[0], cfg.inference_gpus,
+                     cfg.training_gpus, cfg.tp)
+    if plan.mode != "split" or len(plan.training) < 2:
+        return None
+    return torchrun_argv(plan, ["-m", "reference_impl.cli", *cli_args])
+
+
+def _shared_model_dir(cfg: RunConfig, dist: DistContext | None):
+    """Rank 0 builds (or finds) the model dir; the other ranks use the path it sends."""
+    if dist is None or dist.is_main:
+        model = resolve_model(cfg.model, seed=cfg.seed)
+        if dist is not None:
+            dist.broadcast(str(model.path))
+        return model
+    return resolve_model(dist.broadcast(None))
+
+
 def run_job(cfg: RunConfig) -> list:
     from .fingerprint import collect_fingerprint
     from .results import ResultsWriter
-    from .trainer import LoraSpec, LoraTrainer, TrainerConfig
+    from .trainer import LoraTrainer
 
     plan = None
     gpus, reason = inventory_status()
@@ -123,19 +146,27 @@ def run_job(cfg: RunConfig) -> list:
         plan = make_plan(gpus, cfg.inference_gpus, cfg.training_gpus, cfg.tp)
         plan.require_gpu(reason, needs="`splitrl run` with the SGLang engine (use --engine hf on a CPU machine)")
         _pin_trainer_gpus(plan)
+    if os.environ.get(DDP_ENV):
+        import torch
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # before NCCL picks a device
+    dist = DistContext.from_env() if os.environ.get(DDP_ENV) else None
     strategy_name = resolve_strategy(cfg.strategy, plan)
     on_gpu = plan is not None
     trainer_backend = cfg.trainer if cfg.trainer != "auto" else ("unsloth" if on_gpu and _has_unsloth() else "peft")
     if trainer_backend == "unsloth":  # before anything imports transformers (building the model does)
         from .trainer_unsloth import import_unsloth_first
         import_unsloth_first()
-    model = resolve_model(cfg.model, seed=cfg.seed)
+    model = _shared_model_dir(cfg, dist)
+    device = f"cuda:{dist.local_rank if dist else 0}" if on_gpu else "cpu"
+    if dist is not None and not dist.is_main:
+        return _follow(cfg, model, trainer_backend, device, dist)
     writer = ResultsWriter(cfg.results, fingerprint=collect_fingerprint(cfg.sglang_python, gpus=gpus or None))
     base = {"suite": "run", "test": f"grpo_{strategy_name}", "backend": cfg.engine,
             "mode": plan.mode if plan else "cpu", "strategy": strategy_name, "model": model.name,
             "params": {"group_size": cfg.loop.group_size, "prompts": cfg.loop.prompts_per_step,
                        "max_new_tokens": cfg.loop.max_new_tokens, "lr": cfg.lr, "rank": cfg.rank,
-                       "trainer": trainer_backend, "sync": strategy_name != "none"}}
+                       "trainer": trainer_backend, "sync": strategy_name != "none",
+                       "training_ranks": dist.world if dist else 1}}
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     server = trainer = None
     try:
@@ -145,10 +176,7 @@ def run_job(cfg: RunConfig) -> list:
         else:
             from .hf_engine import HFEngine
             engine = HFEngine(str(model.path), seed=cfg.seed)
-        trainer = LoraTrainer(TrainerConfig(
-            model_path=str(model.path), backend=trainer_backend, lora=LoraSpec(rank=cfg.rank, alpha=cfg.alpha),
-            lr=cfg.lr, seed=cfg.seed, device="cuda" if on_gpu else "cpu",
-            dtype="bfloat16" if on_gpu else "float32"))
+        trainer = LoraTrainer(_trainer_config(cfg, model, trainer_backend, device))
         from .tasks import WordStartTask
         task = WordStartTask(str(model.path), seed=cfg.seed)
         strategy = _make_strategy(strategy_name, server, engine, plan)
@@ -158,10 +186,33 @@ def run_job(cfg: RunConfig) -> list:
             show(rec)
             writer.append(step_rows(rec, base))
 
-        return run_loop(cfg.loop, trainer, engine, strategy, task, on_step=on_step)
+        return run_loop(cfg.loop, trainer, engine, strategy, task, on_step=on_step, dist=dist)
     finally:
         signal.signal(signal.SIGTERM, previous)
         if server is not None:
             server.stop()
         if trainer is not None:
             trainer.close()
+        if dist is not None:
+            dist.close()
+
+
+def _trainer_config(cfg: RunConfig, model, backend: str, device: str):
+    from .trainer import LoraSpec, TrainerConfig
+
+    return TrainerConfig(model_path=str(model.path), backend=backend, lora=LoraSpec(rank=cfg.rank, alpha=cfg.alpha),
+                         lr=cfg.lr, seed=cfg.seed, device=device,
+                         dtype="bfloat16" if device.startswith("cuda") else "float32")
+
+
+def _follow(cfg: RunConfig, model, backend: str, device: str, dist: DistContext) -> list:
+    """A training rank other than 0: no server, no results; the same steps as rank 0."""
+    from .trainer import LoraTrainer
+
+    trainer = LoraTrainer(_trainer_config(cfg, model, backend, device))
+    try:
+        follow_loop(cfg.loop, trainer, dist)
+        return []
+    finally:
+        trainer.close()
+        dist.close()

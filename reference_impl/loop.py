@@ -62,8 +62,9 @@ def rollout(engine, strategy, task, cfg: LoopConfig, step: int) -> list[Rollout]
 
 
 def run_loop(cfg: LoopConfig, trainer, engine, strategy, task,
-             on_step: Callable[[StepRecord], None] | None = None) -> list[StepRecord]:
-    """v0 (the trainer's initial adapter) is published first; then each step trains v{n+1} and syncs it."""
+             on_step: Callable[[StepRecord], None] | None = None, dist=None) -> list[StepRecord]:
+    """v0 (the trainer's initial adapter) is published first; then each step trains v{n+1} and syncs it.
+    With a DistContext this is rank 0: the other training ranks run `follow_loop`."""
     strategy.publish(0, str(trainer.save_adapter(version_name(0))))
     records = []
     for step in range(cfg.steps):
@@ -71,7 +72,11 @@ def run_loop(cfg: LoopConfig, trainer, engine, strategy, task,
         rolls = rollout(engine, strategy, task, cfg, step)
         t1 = time.perf_counter()
         paused = strategy.pause_for_training()
-        stats = trainer.train_step(rolls, cfg.group_size)
+        if dist is None:  # a plain trainer needs no third argument (users' own trainers included)
+            stats = trainer.train_step(rolls, cfg.group_size)
+        else:
+            dist.broadcast(rolls)
+            stats = trainer.train_step(rolls, cfg.group_size, dist)
         path = trainer.save_adapter(version_name(step + 1))
         t2 = time.perf_counter()
         sync = strategy.publish(step + 1, str(path))
@@ -87,6 +92,12 @@ def run_loop(cfg: LoopConfig, trainer, engine, strategy, task,
         if on_step:
             on_step(rec)
     return records
+
+
+def follow_loop(cfg: LoopConfig, trainer, dist) -> None:
+    """A training rank other than 0: take rank 0's rollouts each step and train on this rank's share."""
+    for _ in range(cfg.steps):
+        trainer.train_step(dist.broadcast(None), cfg.group_size, dist)
 
 
 def print_step(total: int, out=sys.stdout) -> Callable[[StepRecord], None]:

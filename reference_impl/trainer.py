@@ -114,22 +114,36 @@ class LoraTrainer:
             self.model.train()
 
     # -- GRPO step -----------------------------------------------------------------------------------
-    def train_step(self, rollouts: Sequence[Rollout], group_size: int) -> dict:
+    def train_step(self, rollouts: Sequence[Rollout], group_size: int, dist=None) -> dict:
+        """One GRPO step on the whole batch; with a DistContext each rank takes its own groups and the
+        gradients are combined so the step equals the single-process one."""
         torch = self.torch
         t0 = time.perf_counter()
         rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
-        adv, stats = group_advantages(rewards, group_size, self.cfg.grpo.scale_rewards)
+        adv, stats = group_advantages(rewards, group_size, self.cfg.grpo.scale_rewards)  # whole-batch stats
+        dapo = self.cfg.grpo.loss_type == "dapo"
+        batch_tokens = None
+        if dist is not None:
+            # dapo normalises by the tokens of the whole batch; each rank's share then sums to the batch loss
+            batch_tokens = float(sum(len(r.completion_ids) for r in rollouts)) if dapo else None
+            mine = dist.shard(len(rollouts), group_size)
+            rollouts, adv = [rollouts[i] for i in mine], adv[mine.start:mine.stop]
         self.model.train()
         logps, mask = self.completion_logprobs(rollouts, grad=True)
         old = _pad_float([r.sampler_logprobs for r in rollouts], logps.shape[1], self.device)
-        loss, metrics = grpo_loss(logps.float(), old, adv.to(self.device), mask.float(), self.cfg.grpo)
+        loss, metrics = grpo_loss(logps.float(), old, adv.to(self.device), mask.float(), self.cfg.grpo,
+                                  num_items_in_batch=batch_tokens)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        loss_value = float(loss.detach())
+        if dist is not None:
+            dist.reduce_gradients(self.params, average=not dapo)
+            loss_value = dist.sum_scalar(loss_value) / (1 if dapo else dist.world)
         self.opt.step()
         self.steps += 1
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return {"loss": float(loss.detach()), "train_s": time.perf_counter() - t0,
+        return {"loss": loss_value, "train_s": time.perf_counter() - t0,
                 "equal_reward_groups": stats.equal_reward_groups, "num_groups": stats.num_groups,
                 "train_tokens": int(mask.sum()), **metrics}
 

@@ -48,4 +48,4 @@ def load_unsloth_model(cfg):
     FastLanguageModel.for_training(model)
     from .trainer import perturb_lora_b
     perturb_lora_b(model, cfg.lora.init_b_std, cfg.seed)
-    return model, "cuda"
+    return model, f"cuda:{torch.cuda.current_device()}"  # each DDP rank set its own device first

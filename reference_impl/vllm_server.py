@@ -1,0 +1,212 @@
+"""The vLLM OpenAI api_server as a context manager: the comparison backend, mirroring server.SGLangServer.
+
+    with VLLMServer(VLLMServerConfig(python=..., model_path=..., gpu_ids="0")) as srv:
+        srv.client.generate([[1, 2, 3]], SamplingParams(max_new_tokens=8), lora="policy-v0")
+
+Same lifecycle guarantees as SGLangServer (and the same code, reference_impl.procs): binds 127.0.0.1 only,
+CUDA_VISIBLE_DEVICES and offline flags set in the child's environment before it starts, own process group,
+log file, bounded /health wait that fails fast with the log tail when the process exits, stop() = TERM then
+KILL of its own group only. The interpreter is a separate vLLM venv (env SPLITRL_VLLM_PYTHON), never the
+trainer's. Runtime LoRA loading needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 (set here); /sleep, /wake_up,
+/is_sleeping and /reset_prefix_cache are vLLM "dev" endpoints that need VLLM_SERVER_DEV_MODE=1 (set when
+`dev_mode` or `sleep_mode` is on).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .procs import ManagedProcess, check_port_free, log_tail, pick_free_port
+from .server import ENV_NOT_INHERITED, OFFLINE_ENV, ServerStartError
+from .vllm_client import VLLMClient
+
+VLLM_PYTHON_ENV = "SPLITRL_VLLM_PYTHON"
+
+
+def default_vllm_python() -> str:
+    return os.environ.get(VLLM_PYTHON_ENV, "")
+
+
+@dataclass
+class VLLMServerConfig:
+    python: str = field(default_factory=default_vllm_python)  # the vLLM venv's interpreter
+    model_path: str = ""
+    gpu_ids: str = "0"                 # physical indices (PCI order) for the child's CUDA_VISIBLE_DEVICES
+    served_model_name: str | None = None  # None: vLLM serves the base under model_path
+    tokenizer_path: str | None = None
+    tp_size: int = 1
+    enable_lora: bool = True
+    max_lora_rank: int = 64
+    max_loras: int = 4                 # adapters per batch (GPU slots)
+    max_cpu_loras: int | None = 8      # adapters cached in CPU memory (>= max_loras)
+    gpu_memory_utilization: float = 0.5
+    max_model_len: int = 4096
+    sleep_mode: bool = False           # --enable-sleep-mode: /sleep and /wake_up free and restore GPU memory
+    dev_mode: bool = True              # VLLM_SERVER_DEV_MODE=1: /reset_prefix_cache (flush_cache) and sleep routes
+    enable_prefix_caching: bool = True
+    prompt_tokens_details: bool = True  # usage.prompt_tokens_details.cached_tokens in every answer
+    attention_backend: str = "TRITON_ATTN"  # no FlashAttention kernels needed (stripped from an offline kit)
+    enforce_eager: bool = True         # no CUDA graphs / torch.compile: fast, predictable start
+    seed: int = 0
+    dtype: str = "bfloat16"
+    extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    log_dir: Path = Path("results/logs")
+    port: int | None = None            # None: pick a free one
+    startup_timeout_s: float = 900.0
+    launch_module: str = "vllm.entrypoints.openai.api_server"
+
+    def argv(self, port: int) -> list[str]:
+        args = [self.python, "-m", self.launch_module, "--model", self.model_path,
+                "--host", "127.0.0.1", "--port", str(port), "--dtype", self.dtype,
+                "--tensor-parallel-size", str(self.tp_size),
+                "--gpu-memory-utilization", str(self.gpu_memory_utilization),
+                "--max-model-len", str(self.max_model_len), "--seed", str(self.seed)]
+        if self.served_model_name:
+            args += ["--served-model-name", self.served_model_name]
+        if self.tokenizer_path:
+            args += ["--tokenizer", self.tokenizer_path]
+        if self.enable_lora:
+            args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras)]
+            if self.max_cpu_loras is not None:
+                args += ["--max-cpu-loras", str(self.max_cpu_loras)]
+        if self.enforce_eager:
+            args += ["--enforce-eager"]
+        if self.sleep_mode:
+            args += ["--enable-sleep-mode"]
+        args += ["--enable-prefix-caching" if self.enable_prefix_caching else "--no-enable-prefix-caching"]
+        if self.prompt_tokens_details:
+            args += ["--enable-prompt-tokens-details"]
+        return args + list(self.extra_args)
+
+    def child_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        env = {k: v for k, v in (base if base is not None else os.environ).items() if k not in ENV_NOT_INHERITED}
+        env.update(OFFLINE_ENV)
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env["CUDA_VISIBLE_DEVICES"] = self.gpu_ids
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1" if self.enable_lora else "0"
+        if self.dev_mode or self.sleep_mode:
+            env["VLLM_SERVER_DEV_MODE"] = "1"
+        else:
+            env.pop("VLLM_SERVER_DEV_MODE", None)
+        if self.attention_backend:
+            env["VLLM_ATTENTION_BACKEND"] = self.attention_backend
+        env["VLLM_NO_USAGE_STATS"] = "1"  # no usage reporting attempts from an offline machine
+        env["PATH"] = os.path.dirname(self.python) + os.pathsep + env.get("PATH", "")
+        env.update(self.extra_env)
+        return env
+
+
+class VLLMServer:
+    def __init__(self, config: VLLMServerConfig):
+        self.config = _absolute_paths(config)
+        self.port: int | None = None
+        self.process: ManagedProcess | None = None
+        self.start_s: float | None = None
+        self.stopped_by: str | None = None
+        self._client: VLLMClient | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_name or self.config.model_path
+
+    @property
+    def client(self) -> VLLMClient:
+        if self._client is None or self._client.base_url != self.url:
+            self._client = VLLMClient(self.url, model=self.model_name)
+        return self._client
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "server not started"
+        return self.process.pid
+
+    @property
+    def log_path(self) -> Path:
+        assert self.process is not None, "server not started"
+        return self.process.log_path
+
+    def start(self) -> "VLLMServer":
+        if not self.config.python or not os.access(self.config.python, os.X_OK):
+            raise ServerStartError(f"vLLM interpreter {self.config.python!r} does not exist or is not executable:"
+                                   f" set {VLLM_PYTHON_ENV} to the python of a venv with vllm installed")
+        if self.config.port is not None:
+            check_port_free(self.config.port)
+        for attempt in range(3):
+            self.port = self.config.port or pick_free_port()
+            try:
+                self._launch_and_wait()
+                return self
+            except ServerStartError as e:
+                if self.config.port is None and "address already in use" in str(e).lower() and attempt < 2:
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    def _launch_and_wait(self) -> None:
+        cfg = self.config
+        log_path = Path(cfg.log_dir) / f"vllm-{time.strftime('%Y%m%d-%H%M%S')}-{self.port}.log"
+        self.process = ManagedProcess(cfg.argv(self.port), cfg.child_env(), log_path, cwd=str(Path(cfg.log_dir)))
+        t0 = time.monotonic()
+        try:
+            self.process.start()
+        except OSError as e:
+            raise ServerStartError(f"cannot launch {cfg.python}: {e}") from e
+        try:
+            self._wait_healthy(t0 + cfg.startup_timeout_s)
+        except BaseException:
+            self.process.stop(term_timeout_s=10)
+            raise
+        self.start_s = time.monotonic() - t0
+
+    def _wait_healthy(self, deadline: float) -> None:
+        client = VLLMClient(self.url, timeout_s=10)
+        while True:
+            rc = self.process.exited()
+            if rc is not None:
+                raise ServerStartError(f"vLLM exited with code {rc} before it became healthy "
+                                       f"(log {self.process.log_path}):\n{log_tail(self.process.log_path)}")
+            if client.health(timeout_s=max(1.0, min(10.0, deadline - time.monotonic()))):
+                return
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"vLLM not healthy after {self.config.startup_timeout_s:.0f}s "
+                                       f"(log {self.process.log_path}):\n{log_tail(self.process.log_path)}")
+            time.sleep(0.5)
+
+    def stop(self, term_timeout_s: float = 30.0) -> str:
+        if self.process is None:
+            return "gone"
+        self.stopped_by = self.process.stop(term_timeout_s=term_timeout_s)
+        return self.stopped_by
+
+    def restart(self, **changes) -> float:
+        t0 = time.monotonic()
+        self.stop()
+        self.config = _absolute_paths(dataclasses.replace(self.config, **changes))
+        self.start()
+        return time.monotonic() - t0
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _absolute_paths(cfg: VLLMServerConfig) -> VLLMServerConfig:
+    """The child runs in the log dir; abspath (not realpath) keeps a venv's symlinked interpreter."""
+    return dataclasses.replace(
+        cfg, python=os.path.abspath(cfg.python) if os.sep in cfg.python else cfg.python,
+        model_path=os.path.abspath(cfg.model_path) if cfg.model_path else cfg.model_path,
+        tokenizer_path=os.path.abspath(cfg.tokenizer_path) if cfg.tokenizer_path else None,
+        log_dir=Path(os.path.abspath(cfg.log_dir)))
+
+
+__all__ = ["VLLMServer", "VLLMServerConfig", "VLLM_PYTHON_ENV", "ServerStartError"]

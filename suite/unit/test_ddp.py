@@ -1,0 +1,138 @@
+"""Data-parallel training over several training ranks (gloo on CPU here; NCCL on GPUs): every rank must take
+exactly the step one process takes on the whole batch, and ranks must stay identical through the loop."""
+import os
+import random
+import socket
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from reference_impl.ddp import DistContext  # noqa: E402
+from reference_impl.devices import parse_inventory_spec  # noqa: E402
+from reference_impl.job import RunConfig, ddp_relaunch_argv  # noqa: E402
+from reference_impl.trainer import LoraSpec, LoraTrainer, Rollout, TrainerConfig  # noqa: E402
+
+GROUP = 4
+
+
+def _rollouts(n_groups=4):
+    rng = random.Random(5)
+    out = []
+    for g in range(n_groups):
+        prompt = [rng.randrange(1000, 50000) for _ in range(6 + g)]  # ragged prompts across groups
+        for i in range(GROUP):
+            comp = [rng.randrange(1000, 50000) for _ in range(3 + (i % 2))]
+            out.append(Rollout(prompt, comp, [-11.5] * len(comp), reward=float((g + i) % 3)))
+    return out
+
+
+def _trainer(model_path, loss_type):
+    from reference_impl.grpo import GRPOConfig
+    return LoraTrainer(TrainerConfig(model_path=model_path, dtype="float32", lr=1e-2, seed=3,
+                                     lora=LoraSpec(rank=4, alpha=8, init_b_std=0.02),
+                                     grpo=GRPOConfig(loss_type=loss_type, max_completion_length=8)))
+
+
+def _lora_state(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k}
+
+
+def _lora_grads(trainer):
+    """The combined gradient the optimizer stepped with (train_step zeroes grads before, not after)."""
+    return {k: v.grad.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_env(rank, world, port):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+
+def _train_rank(rank, world, port, model_path, loss_type, out_dir):
+    _rank_env(rank, world, port)
+    dist = DistContext.from_env(backend="gloo")
+    try:
+        trainer = _trainer(model_path, loss_type)
+        stats = trainer.train_step(_rollouts(), GROUP, dist)
+        torch.save({"grads": _lora_grads(trainer), "loss": stats["loss"]}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_path():
+    from reference_impl.models import resolve_model
+    return str(resolve_model("tiny").path)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_two_ranks_take_the_single_process_step(tiny_path, tmp_path, loss_type):
+    """Compared on the gradient the optimizer gets: Adam's first step is ~lr*sign(g), so float32 summation
+    order alone can flip single near-zero weights, which says nothing about the data-parallel arithmetic."""
+    single = _trainer(tiny_path, loss_type)
+    expected = single.train_step(_rollouts(), GROUP)
+    want = _lora_grads(single)
+    scale = max(float(g.abs().max()) for g in want.values())
+    assert scale > 0, "the single-process gradient is zero: the comparison would be vacuous"
+    torch.multiprocessing.spawn(_train_rank, args=(2, _free_port(), tiny_path, loss_type, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4, abs=1e-6)
+        for k in want:
+            torch.testing.assert_close(got["grads"][k], want[k], rtol=1e-3, atol=1e-5 * scale)
+
+
+def _loop_rank(rank, world, port, model_path, out_dir):
+    _rank_env(rank, world, port)
+    from reference_impl.loop import LoopConfig, follow_loop, run_loop
+    dist = DistContext.from_env(backend="gloo")
+    cfg = LoopConfig(steps=2, prompts_per_step=2, group_size=GROUP, max_new_tokens=4)
+    try:
+        trainer = _trainer(model_path, "dapo")
+        if dist.is_main:
+            from reference_impl.hf_engine import HFEngine
+            from reference_impl.sync import HotReload
+            from reference_impl.tasks import WordStartTask
+            engine = HFEngine(model_path)
+            run_loop(cfg, trainer, engine, HotReload(engine), WordStartTask(model_path), dist=dist)
+        else:
+            follow_loop(cfg, trainer, dist)
+        torch.save(_lora_state(trainer), f"{out_dir}/loop{rank}.pt")
+    finally:
+        dist.close()
+
+
+def test_ranks_stay_identical_through_the_loop(tiny_path, tmp_path):
+    torch.multiprocessing.spawn(_loop_rank, args=(2, _free_port(), tiny_path, str(tmp_path)), nprocs=2)
+    a, b = torch.load(tmp_path / "loop0.pt"), torch.load(tmp_path / "loop1.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_uneven_groups_are_refused():
+    ctx = DistContext(rank=0, world=3, local_rank=0)
+    with pytest.raises(ValueError, match="multiple of the training GPUs"):
+        ctx.shard(4 * GROUP, GROUP)
+    assert list(DistContext(rank=1, world=2, local_rank=1).shard(4 * GROUP, GROUP)) == list(range(8, 16))
+
+
+def test_splitrl_run_relaunches_itself_for_a_training_group_of_several_gpus(monkeypatch):
+    monkeypatch.delenv("SPLITRL_DDP_WORKER", raising=False)
+    args = ["run", "--steps", "3"]
+    argv = ddp_relaunch_argv(RunConfig(), args, inventory=parse_inventory_spec("4xH100-80GB"))
+    assert argv[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+    assert "--nproc-per-node=3" in argv and argv[-5:] == ["-m", "reference_impl.cli", *args]
+    two_by_two = RunConfig(tp=2)
+    assert "--nproc-per-node=2" in ddp_relaunch_argv(two_by_two, args, parse_inventory_spec("4xH100-80GB"))
+    assert ddp_relaunch_argv(RunConfig(), args, inventory=parse_inventory_spec("2xH100-80GB")) is None
+    assert ddp_relaunch_argv(RunConfig(engine="hf"), args, inventory=parse_inventory_spec("4xH100-80GB")) is None
+    monkeypatch.setenv("SPLITRL_DDP_WORKER", "1")  # already a rank: never relaunch again
+    assert ddp_relaunch_argv(RunConfig(), args, inventory=parse_inventory_spec("4xH100-80GB")) is None

@@ -1,0 +1,242 @@
+"""The vLLM comparison backend on CPU: VLLMServerConfig argv/env, VLLMServer lifecycle with a real child process,
+VLLMClient protocol mapping, HotReload unchanged, and the vllm #42125 stale-prefix check.
+
+Everything here runs against fixtures.fake_vllm, a TEST DOUBLE of vLLM's HTTP API: these tests check our
+process handling and protocol mapping, never vLLM or a GPU.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures.fake_vllm import FakeVLLMServer, FakeVLLMState
+from reference_impl.client import SamplingParams, ServerHTTPError, ServerUnreachable
+from reference_impl.conformance import ConformanceError, assert_cold, assert_differs, assert_matches, assert_warm
+from reference_impl.procs import pids_in_group
+from reference_impl.server import ServerStartError
+from reference_impl.sync import HotReload, version_name
+from reference_impl.vllm_client import VLLMClient
+from reference_impl.vllm_server import VLLMServer, VLLMServerConfig
+from suite.unit.adapters_for_tests import make_adapter
+
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+PROMPT = list(range(100, 140))  # 40 tokens: 2 full blocks of 16
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    return [make_adapter(tmp_path / f"a{i}", r=8, seed=i) for i in range(3)]
+
+
+@pytest.fixture
+def fake():
+    with FakeVLLMServer(FakeVLLMState(model="fake-model", max_lora_rank=16, sleep_mode=True)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(fake) -> VLLMClient:
+    return VLLMClient(fake.url, timeout_s=10)
+
+
+# -- config -> argv / env -------------------------------------------------------------------------------
+def test_argv_and_env(tmp_path):
+    cfg = VLLMServerConfig(python="/venv/bin/python", model_path="/m", gpu_ids="1", max_lora_rank=32, max_loras=2,
+                           max_cpu_loras=6, gpu_memory_utilization=0.4, max_model_len=2048, sleep_mode=True,
+                           extra_args=["--foo"], extra_env={"X": "1"})
+    argv = cfg.argv(23456)
+    assert argv[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    s = " ".join(argv)
+    for frag in ("--model /m", "--host 127.0.0.1", "--port 23456", "--dtype bfloat16", "--tensor-parallel-size 1",
+                 "--gpu-memory-utilization 0.4", "--max-model-len 2048", "--enable-lora", "--max-lora-rank 32",
+                 "--max-loras 2", "--max-cpu-loras 6", "--enforce-eager", "--enable-sleep-mode",
+                 "--enable-prefix-caching", "--enable-prompt-tokens-details"):
+        assert frag in s, frag
+    assert argv[-1] == "--foo"
+    env = cfg.child_env({"PATH": "/usr/bin", "PYTHONPATH": "/trainer", "VIRTUAL_ENV": "/t"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1" and env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert env["VLLM_ATTENTION_BACKEND"] == "TRITON_ATTN" and env["X"] == "1"
+    assert "PYTHONPATH" not in env and "VIRTUAL_ENV" not in env
+    assert env["PATH"].startswith("/venv/bin")
+    plain = VLLMServerConfig(python="/p", model_path="/m", dev_mode=False, enforce_eager=False, max_cpu_loras=None)
+    assert "VLLM_SERVER_DEV_MODE" not in plain.child_env({"VLLM_SERVER_DEV_MODE": "1"})
+    a = plain.argv(1)
+    assert "--enable-sleep-mode" not in a and "--enforce-eager" not in a and "--max-cpu-loras" not in a
+
+
+def test_python_from_env(monkeypatch):
+    monkeypatch.setenv("SPLITRL_VLLM_PYTHON", "/opt/vllm-venv/bin/python")
+    assert VLLMServerConfig(model_path="/m").python == "/opt/vllm-venv/bin/python"
+    monkeypatch.delenv("SPLITRL_VLLM_PYTHON")
+    with pytest.raises(ServerStartError, match="SPLITRL_VLLM_PYTHON"):
+        VLLMServer(VLLMServerConfig(model_path="/m")).start()
+
+
+# -- lifecycle with a real child (the fake) -------------------------------------------------------------
+def _cfg(tmp_path: Path, **kw) -> VLLMServerConfig:
+    (tmp_path / "model").mkdir(exist_ok=True)
+    kw.setdefault("startup_timeout_s", 20)
+    return VLLMServerConfig(python=sys.executable, model_path=str(tmp_path / "model"),
+                            launch_module="fixtures.fake_vllm", log_dir=tmp_path / "logs", **kw)
+
+
+def test_lifecycle_start_use_stop(tmp_path, adapters, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_MODE", "spawn_child")
+    srv = VLLMServer(_cfg(tmp_path, sleep_mode=True))
+    with srv:
+        pgid = srv.pid
+        assert srv.client.health() and len(pids_in_group(pgid)) == 2
+        assert srv.client.models() == [srv.model_name]
+        assert srv.client.load_lora_adapter("policy-v0", adapters[0]) == {"policy-v0": adapters[0]}
+        out = srv.client.generate([PROMPT], GREEDY, lora="policy-v0")
+        assert len(out[0].output_ids) == 8
+        log = srv.log_path.read_text()
+        assert "TRITON_ATTN" in log and "CUDA_VISIBLE_DEVICES=0" in log
+    assert srv.stopped_by == "term" and pids_in_group(pgid) == []
+
+
+def test_fail_fast_with_log_tail(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_MODE", "exit_at_start")
+    srv = VLLMServer(_cfg(tmp_path, startup_timeout_s=60))
+    with pytest.raises(ServerStartError, match="exited with code 3") as ei:
+        srv.start()
+    assert "fake vLLM startup failure" in str(ei.value)
+    assert pids_in_group(srv.pid) == []
+
+
+def test_stop_kills_a_server_ignoring_term(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_MODE", "ignore_term")
+    srv = VLLMServer(_cfg(tmp_path)).start()
+    assert srv.stop(term_timeout_s=1) == "kill"
+    assert pids_in_group(srv.pid) == []
+
+
+def test_restart_applies_changes(tmp_path):
+    srv = VLLMServer(_cfg(tmp_path))
+    with srv:
+        assert srv.client.health()
+        srv.restart(served_model_name="served")
+        assert srv.client.models() == ["served"]
+
+
+# -- client protocol and error mapping ------------------------------------------------------------------
+def test_error_mapping(client, adapters, tmp_path):
+    with pytest.raises(ServerHTTPError) as ei:
+        client.unload_lora_adapter("nope")
+    assert ei.value.status == 404 and "cannot be found" in ei.value.error_message
+    client.load_lora_adapter("a", adapters[0])
+    with pytest.raises(ServerHTTPError) as ei:
+        client.load_lora_adapter("a", adapters[1])
+    assert ei.value.status == 400 and "load_inplace" in ei.value.error_message
+    with pytest.raises(ServerHTTPError) as ei:
+        client.load_lora_adapter("b", str(tmp_path / "missing"))
+    assert ei.value.status == 404 and "No adapter found" in ei.value.error_message
+    big = make_adapter(tmp_path / "big", r=32)
+    with pytest.raises(ServerHTTPError, match="max_lora_rank") as ei:
+        client.load_lora_adapter("big", big)
+    assert ei.value.status == 500
+    with pytest.raises(ServerHTTPError, match="does not exist") as ei:
+        client.generate([PROMPT], GREEDY, lora="unknown")
+    assert ei.value.status == 404
+    dead = VLLMClient("http://127.0.0.1:9", timeout_s=2)
+    with pytest.raises(ServerUnreachable):
+        dead.models()
+    assert dead.health(timeout_s=1) is False
+
+
+def test_generate_mapping(client, adapters):
+    client.load_lora_adapter("a", adapters[0])
+    r = client.generate([PROMPT, PROMPT[:5]], GREEDY, lora=["a", None], return_logprob=True, logprob_start_len=0)
+    assert [x.prompt_tokens for x in r] == [40, 5]
+    assert all(len(x.output_ids) == 8 == len(x.output_logprobs) == x.completion_tokens for x in r)
+    assert r[0].input_logprobs[0] is None and len(r[0].input_logprobs) == 40
+    assert all(v < 0 for v in r[0].input_logprobs[1:]) and r[0].finish_reason == "length"
+    assert r[0].output_logprobs != r[1].output_logprobs
+    # start > 0: the slice, as SGLang's logprob_start_len
+    assert client.generate([PROMPT], GREEDY, lora="a", return_logprob=True, logprob_start_len=10)[0].input_logprobs \
+        == r[0].input_logprobs[10:]
+
+
+def test_prefix_cache_counters_and_flush(client, adapters):
+    client.load_lora_adapter("a", adapters[0])
+    first = client.generate([PROMPT], GREEDY, lora="a")[0]
+    assert_cold(first.cached_tokens, "first")
+    again = client.generate([PROMPT], GREEDY, lora="a")[0]
+    assert_warm(again.cached_tokens, len(PROMPT), "repeat", page_size=16)
+    assert client.prefix_cache_counters() == {"queries": 80.0, "hits": 32.0}
+    client.flush_cache()
+    assert client.generate([PROMPT], GREEDY, lora="a")[0].cached_tokens == 0
+
+
+def test_sleep_wake_mapping(client, fake):
+    client.release_memory_occupation()
+    assert client.is_sleeping() and fake.state.sleeping == 1
+    with pytest.raises(ServerHTTPError):
+        client.generate([PROMPT], GREEDY)
+    client.resume_memory_occupation()
+    assert not client.is_sleeping()
+    assert client.generate([PROMPT], GREEDY)[0].cached_tokens == 0  # KV was dropped by sleep
+
+
+def test_dev_routes_absent_without_dev_mode():
+    with FakeVLLMServer(FakeVLLMState(dev_mode=False)) as srv:
+        c = VLLMClient(srv.url, timeout_s=5)
+        with pytest.raises(ServerHTTPError) as ei:
+            c.flush_cache()
+        assert ei.value.status == 404 and ei.value.error_message == "Not Found"
+
+
+# -- sync strategies unchanged ---------------------------------------------------------------------------
+def test_hot_reload_unchanged(client, adapters):
+    sync = HotReload(client, timeout_s=10)
+    sync.publish(0, adapters[0])
+    assert sync.current == version_name(0)
+    out0 = client.generate([PROMPT], GREEDY, lora=sync.current, return_logprob=True, logprob_start_len=0)
+    rec = sync.publish(1, adapters[1])
+    assert sync.current == "policy-v1" and rec.extra["loaded_adapters"] == 1
+    assert client.models() == ["fake-model", "policy-v1"]
+    out1 = client.generate([PROMPT], GREEDY, lora=sync.current, return_logprob=True, logprob_start_len=0)
+    assert_differs([out1[0].input_logprobs], [out0[0].input_logprobs], "v1 vs v0")
+
+
+def test_same_name_load_inplace(client, adapters):
+    client.load_lora_adapter("policy", adapters[0])
+    v0 = client.generate([PROMPT], GREEDY, lora="policy", return_logprob=True, logprob_start_len=0)[0]
+    assert client.load_lora_adapter("policy", adapters[1], load_inplace=True) == {"policy": adapters[1]}
+    v1 = client.generate([PROMPT], GREEDY, lora="policy", return_logprob=True, logprob_start_len=0)[0]
+    assert_differs([v1.input_logprobs], [v0.input_logprobs], "inplace reload")
+
+
+# -- vllm #42125: stale prefix cache after a same-name reload ------------------------------------------
+def stale_prefix_check(client: VLLMClient, adapters) -> None:
+    """Warm the cache on v0 under one name, load_inplace v1, then the first request must be cold and its output
+    logprobs must match v1 served fresh (after a cache reset)."""
+    client.load_lora_adapter("policy", adapters[0])
+    client.generate([PROMPT], GREEDY, lora="policy")
+    client.load_lora_adapter("policy", adapters[1], load_inplace=True)
+    served = client.generate([PROMPT], GREEDY, lora="policy", return_logprob=True)[0]
+    client.flush_cache()
+    fresh = client.generate([PROMPT], GREEDY, lora="policy", return_logprob=True)[0]
+    assert_matches([served.output_logprobs], [fresh.output_logprobs], "output after load_inplace")
+    assert_cold(served.cached_tokens, "first request after load_inplace")
+
+
+def test_stale_prefix_check_passes_on_correct_fake(client, adapters):
+    stale_prefix_check(client, adapters)
+
+
+def test_stale_prefix_bug_is_caught(adapters):
+    with FakeVLLMServer(FakeVLLMState(bugs={"stale_prefix_on_inplace_reload"})) as srv:
+        with pytest.raises(ConformanceError, match="differ|cached"):
+            stale_prefix_check(VLLMClient(srv.url, timeout_s=5), adapters)
+    with FakeVLLMServer(FakeVLLMState(bugs={"stale_prefix_on_inplace_reload"})) as srv:  # assert_cold alone
+        c = VLLMClient(srv.url, timeout_s=5)
+        c.load_lora_adapter("policy", adapters[0])
+        c.generate([PROMPT], GREEDY, lora="policy")
+        c.load_lora_adapter("policy", adapters[1], load_inplace=True)
+        with pytest.raises(ConformanceError, match="stale KV"):
+            assert_cold(c.generate([PROMPT], GREEDY, lora="policy")[0].cached_tokens, "after load_inplace")
