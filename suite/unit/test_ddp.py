@@ -136,3 +136,22 @@ def test_splitrl_run_relaunches_itself_for_a_training_group_of_several_gpus(monk
     assert ddp_relaunch_argv(RunConfig(engine="hf"), args, inventory=parse_inventory_spec("4xH100-80GB")) is None
     monkeypatch.setenv("SPLITRL_DDP_WORKER", "1")  # already a rank: never relaunch again
     assert ddp_relaunch_argv(RunConfig(), args, inventory=parse_inventory_spec("4xH100-80GB")) is None
+
+
+@pytest.mark.parametrize("spec,tp,inference,training", [("4xH100-80GB", 1, "0", "1,2,3"),
+                                                        ("4xH100-80GB", 2, "0,1", "2,3")])
+def test_four_gpu_layouts_reach_the_server_and_the_trainer(spec, tp, inference, training):
+    """The seed's layouts: 1 inference + 3 DDP training, and a TP=2 inference group + 2 training GPUs."""
+    import sys
+
+    from reference_impl.devices import make_plan
+    from reference_impl.job import _server_config
+
+    plan = make_plan(parse_inventory_spec(spec), tp_size=tp)
+    cfg = RunConfig(tp=tp, sglang_python=sys.executable)
+    server = _server_config(cfg, plan, "/models/x", "hot-reload")
+    argv, env = server.argv(30000), server.child_env({})
+    assert argv[argv.index("--tp-size") + 1] == str(tp) and env["CUDA_VISIBLE_DEVICES"] == inference
+    assert plan.training_cvd() == training
+    launch = ddp_relaunch_argv(cfg, ["run"], inventory=parse_inventory_spec(spec))
+    assert f"--nproc-per-node={len(training.split(','))}" in launch
