@@ -3,12 +3,13 @@
 #
 #   bash scripts/device_session.sh split    # 2 GPUs: conformance + run/control
 #   bash scripts/device_session.sh single    # 1 GPU: conformance + restart/release
-#   bash scripts/device_session.sh bench             # the benchmark set
+#   bash scripts/device_session.sh bench-rollout     # rollout tok/s, MBU, TTFT, VRAM (one call)
+#   bash scripts/device_session.sh bench-sync-step   # sync, restart, release/resume, step breakdown, TRL peer
 #
 # Needs .gpu-kit/ (bash ../shared/device-kit/build.sh .gpu-kit) carried with the call. Everything lands in $OUT
 # (at most 8 files come back: server logs are packed into one tarball).
 set -u
-MODE=${1:?split|single|bench}
+MODE=${1:?split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
 OUT=${OUT:-/tmp/splitrl-out}; mkdir -p "$OUT"
 PREFIX=/tmp/splitrl
 bash .gpu-kit/install.sh .gpu-kit "$PREFIX" > "$OUT/install.log" 2>&1 || { tail -40 "$OUT/install.log"; exit 1; }
@@ -57,9 +58,16 @@ case $MODE in
     timeout 480 $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/pytest.log" 2>&1
     echo "pytest exit $?"; tail -25 "$OUT/pytest.log"
     wait $P1 $P2 ;;
-  bench)
-    timeout 540 $PY -m pytest suite/benchmarks --benchmark-only -q -rs -p no:cacheprovider --results-dir "$OUT" \
-      --benchmark-json "$OUT/benchmark.json" > "$OUT/bench.log" 2>&1
+  bench-rollout)  # one 10-minute call: the 1.7B shape (base + LoRA) at the batch sizes the README reports
+    SPLITRL_BENCH_SHAPES=${SPLITRL_BENCH_SHAPES:-qwen3-1.7b} SPLITRL_BENCH_CONCURRENCY=${SPLITRL_BENCH_CONCURRENCY:-64,256} \
+    timeout 540 $PY -m pytest suite/benchmarks/test_bench_rollout.py --benchmark-only -q -rs -p no:cacheprovider \
+      --results-dir "$OUT" --benchmark-json "$OUT/benchmark.json" > "$OUT/bench.log" 2>&1
+    echo "bench exit $?"; tail -25 "$OUT/bench.log" ;;
+  bench-sync-step)  # hot reload by rank, restart cold/warm, release/resume, GRPO step breakdown + TRL-HF peer
+    SPLITRL_BENCH_STEPS=${SPLITRL_BENCH_STEPS:-3} SPLITRL_BENCH_SYNC_ROUNDS=${SPLITRL_BENCH_SYNC_ROUNDS:-5} \
+    timeout 540 $PY -m pytest suite/benchmarks/test_bench_sync.py suite/benchmarks/test_bench_step.py \
+      --benchmark-only -q -rs -p no:cacheprovider --results-dir "$OUT" --benchmark-json "$OUT/benchmark.json" \
+      > "$OUT/bench.log" 2>&1
     echo "bench exit $?"; tail -25 "$OUT/bench.log" ;;
 esac
 [ -d "$OUT/logs" ] && tar czf "$OUT/server-logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"

@@ -54,7 +54,7 @@ def test_release_frees_memory_and_outputs_survive(server_pool, adapter_factory, 
         device_freed = device_before - strategy.device_used_mib()
         # NVML, not torch stats (vllm #11743, sglang #4336: "released" memory that NVML still counts)
         assert paused["released_mib"] is not None and paused["released_mib"] > 1024, \
-            f"{paused}; whole-GPU reading freed {device_freed:.0f} MiB"
+            f"{paused}; whole-GPU reading freed {device_freed:.0f} MiB; {_preload_note(srv.pid)}"
         rec = strategy.publish(2, str(adapter))  # resume, then hot-load the (same) weights as v2
         after = srv.client.generate(PROMPTS, GREEDY, lora=strategy.current, return_logprob=True)
     assert [r.output_ids for r in after] == [r.output_ids for r in before]
@@ -62,3 +62,17 @@ def test_release_frees_memory_and_outputs_survive(server_pool, adapter_factory, 
     results_writer.append([ResultRow("conformance", "release_resume", m, float(v), strategy="release-resume")
                            for m, v in (("released_mib", paused["released_mib"]), ("release_s", paused["release_s"]),
                                         ("resume_s", rec.extra["resume_s"]))])
+
+
+def _preload_note(pgid: int) -> str:
+    """torch_memory_saver frees memory only through its LD_PRELOAD hook: say which server processes have it."""
+    notes = []
+    for pid in pids_in_group(pgid):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")[:40]
+        except OSError:
+            continue
+        preload = [e.decode(errors="replace") for e in env if e.startswith(b"LD_PRELOAD=")]
+        notes.append(f"{pid} {cmd.strip()}: {preload[0] if preload else 'no LD_PRELOAD'}")
+    return "server processes: " + "; ".join(notes)
