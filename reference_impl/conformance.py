@@ -98,3 +98,16 @@ def assert_memory_flat(samples_mib: Sequence[float], max_growth_mib: float) -> f
         raise ConformanceError(f"server GPU memory grew by {growth:.0f} MiB over the syncs (bound "
                                f"{max_growth_mib:.0f} MiB): adapters or buffers are not released")
     return growth
+
+
+def check_inplace_reload(client, name: str, old_path: str, new_path: str, prompt, sampling) -> None:
+    """vLLM's same-name reload (`load_inplace`) must neither reuse the old weights' prefix KV (vllm #42125)
+    nor answer differently from the same weights on a cold cache. `client` is a VLLMClient."""
+    client.load_lora_adapter(name, old_path)
+    client.generate([prompt], sampling, lora=name)  # warm the prefix on the old weights
+    client.load_lora_adapter(name, new_path, load_inplace=True)
+    served = client.generate([prompt], sampling, lora=name, return_logprob=True)[0]
+    client.flush_cache()
+    fresh = client.generate([prompt], sampling, lora=name, return_logprob=True)[0]
+    assert_matches([served.output_logprobs], [fresh.output_logprobs], "output after load_inplace")
+    assert_cold(served.cached_tokens, "first request after load_inplace")

@@ -54,6 +54,15 @@ def find_sglang_python(explicit: str | None = None) -> str | None:
     return str(default) if default.exists() else None
 
 
+def find_vllm_python(explicit: str | None = None) -> str | None:
+    """--vllm-python, else $SPLITRL_VLLM_PYTHON, else the default vLLM venv if it exists."""
+    for candidate in (explicit, os.environ.get("SPLITRL_VLLM_PYTHON")):
+        if candidate:
+            return candidate
+    default = default_prefix() / "vllm-venv" / "bin" / "python"
+    return str(default) if default.exists() else None
+
+
 def require_sglang_python(explicit: str | None = None) -> str:
     python = find_sglang_python(explicit)
     if not python:

@@ -10,6 +10,8 @@ from reference_impl.results import ResultRow
 from reference_impl.server import SGLangServer
 from reference_impl.sync import ReleaseResume, Restart
 
+from fixtures.plugin import sglang_only
+
 from .probes import PROMPTS, reference_logprobs, served_logprobs
 from .test_prefix_cache import LONG
 
@@ -17,7 +19,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.gpus(1)]
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
 
 
-def test_restart_serves_newest_adapter_cold(server_pool, adapter_factory, hf_reference, results_writer):
+def test_restart_serves_newest_adapter_cold(server_pool, adapter_factory, hf_reference, results_writer, backend):
+    sglang_only(backend, "restarts with SGLang's --lora-paths (vLLM: --lora-modules, not wired yet)")
     srv = SGLangServer(dataclasses.replace(server_pool.base, mem_fraction_static=0.2)).start()
     try:
         strategy = Restart(srv)
@@ -40,7 +43,8 @@ def test_restart_serves_newest_adapter_cold(server_pool, adapter_factory, hf_ref
                                      strategy="restart")])
 
 
-def test_release_frees_memory_and_outputs_survive(server_pool, adapter_factory, gpu_plan, results_writer):
+def test_release_frees_memory_and_outputs_survive(server_pool, adapter_factory, gpu_plan, results_writer, backend):
+    sglang_only(backend, "SGLang's memory saver; vLLM's sleep/wake maps to the same client calls, not wired here")
     cfg = dataclasses.replace(server_pool.base, memory_saver=True, mem_fraction_static=0.2,
                               extra_args=["--enable-weights-cpu-backup"])
     gpu = gpu_plan["plan"].inference[0].index

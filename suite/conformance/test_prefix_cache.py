@@ -22,21 +22,21 @@ def _probe(client, lora, prompt=LONG):
     return r.cached_tokens, r.output_ids, r.output_logprobs
 
 
-def test_reload_is_cold_and_fresh_base_survives(lora_server, adapter_factory, results_writer):
+def test_reload_is_cold_and_fresh_base_survives(lora_server, adapter_factory, results_writer, page_size):
     client = lora_server.client
     a, b = adapter_factory(rank=16, seed=11), adapter_factory(rank=16, seed=12)
     _probe(client, None)
     client.load_lora_adapter("pc", str(a))
     _probe(client, "pc")
     warm_a = _probe(client, "pc")
-    C.assert_warm(warm_a[0], len(LONG), "repeat on adapter a")
+    C.assert_warm(warm_a[0], len(LONG), "repeat on adapter a", page_size)
     client.unload_lora_adapter("pc")
     client.load_lora_adapter("pc", str(b))  # same name, new weights
     try:
         cold = _probe(client, "pc")
         C.assert_cold(cold[0], "same-name reload")
         warm_b = _probe(client, "pc")
-        C.assert_warm(warm_b[0], len(LONG), "repeat after reload")
+        C.assert_warm(warm_b[0], len(LONG), "repeat after reload", page_size)
         assert cold[1] == warm_b[1], "cached and uncached requests on the same weights disagree"
         client.load_lora_adapter("pc-fresh", str(b))
         fresh = _probe(client, "pc-fresh")
@@ -45,7 +45,7 @@ def test_reload_is_cold_and_fresh_base_survives(lora_server, adapter_factory, re
         C.assert_matches([cold[2]], [fresh[2]], "reloaded vs freshly loaded adapter")
         client.unload_lora_adapter("pc-fresh")
         base = _probe(client, None)
-        C.assert_warm(base[0], len(LONG), "base-model entry after two reloads")
+        C.assert_warm(base[0], len(LONG), "base-model entry after two reloads", page_size)
     finally:
         client.unload_lora_adapter("pc")
     results_writer.append([ResultRow("conformance", "prefix_cache", "cached_tokens", float(v),

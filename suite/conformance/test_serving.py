@@ -6,6 +6,8 @@ from reference_impl.client import SamplingParams
 from reference_impl.procs import pids_in_group
 from reference_impl.server import SGLangServer
 
+from fixtures.plugin import sglang_only
+
 from .probes import PROMPTS
 
 pytestmark = pytest.mark.gpu
@@ -20,12 +22,14 @@ def test_generates_from_token_ids_with_logprobs(lora_server):
         assert all(lp is not None and lp <= 0 for lp in r.input_logprobs[1:] + r.output_logprobs)
 
 
-def test_reports_memory(lora_server):
+def test_reports_memory(lora_server, backend):
+    sglang_only(backend, "reads SGLang's /server_info memory_usage")
     mem = lora_server.client.memory_usage()
     assert mem.get("weight", 0) > 0 and mem.get("token_capacity", 0) > 0, mem
 
 
-def test_second_config_in_same_session_and_clean_stop(server_pool, lora_server):
+def test_second_config_in_same_session_and_clean_stop(server_pool, lora_server, backend):
+    sglang_only(backend, "builds a second SGLang config (vLLM's lifecycle: suite/unit/test_vllm_backend.py)")
     import dataclasses
     cfg = dataclasses.replace(server_pool.base, lora=None, mem_fraction_static=0.15)
     with SGLangServer(cfg) as other:

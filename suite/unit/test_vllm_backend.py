@@ -13,7 +13,8 @@ import pytest
 
 from fixtures.fake_vllm import FakeVLLMServer, FakeVLLMState
 from reference_impl.client import SamplingParams, ServerHTTPError, ServerUnreachable
-from reference_impl.conformance import ConformanceError, assert_cold, assert_differs, assert_matches, assert_warm
+from reference_impl.conformance import (ConformanceError, assert_cold, assert_differs, assert_warm,
+                                        check_inplace_reload)
 from reference_impl.procs import pids_in_group
 from reference_impl.server import ServerStartError
 from reference_impl.sync import HotReload, version_name
@@ -213,16 +214,8 @@ def test_same_name_load_inplace(client, adapters):
 
 # -- vllm #42125: stale prefix cache after a same-name reload ------------------------------------------
 def stale_prefix_check(client: VLLMClient, adapters) -> None:
-    """Warm the cache on v0 under one name, load_inplace v1, then the first request must be cold and its output
-    logprobs must match v1 served fresh (after a cache reset)."""
-    client.load_lora_adapter("policy", adapters[0])
-    client.generate([PROMPT], GREEDY, lora="policy")
-    client.load_lora_adapter("policy", adapters[1], load_inplace=True)
-    served = client.generate([PROMPT], GREEDY, lora="policy", return_logprob=True)[0]
-    client.flush_cache()
-    fresh = client.generate([PROMPT], GREEDY, lora="policy", return_logprob=True)[0]
-    assert_matches([served.output_logprobs], [fresh.output_logprobs], "output after load_inplace")
-    assert_cold(served.cached_tokens, "first request after load_inplace")
+    """The GPU suite's vllm #42125 check (reference_impl.conformance.check_inplace_reload), on the fake."""
+    check_inplace_reload(client, "policy", adapters[0], adapters[1], PROMPT, GREEDY)
 
 
 def test_stale_prefix_check_passes_on_correct_fake(client, adapters):
