@@ -81,13 +81,18 @@ def error_message_of(response: requests.Response) -> str:
     return str(js)[:2000]
 
 
-class SGLangClient:
+class HttpClient:
+    """Plumbing shared by the servers' clients: one session, a timeout on every call, typed errors."""
+
     def __init__(self, base_url: str, timeout_s: float = 120.0):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self._session = requests.Session()
 
-    # -- plumbing ------------------------------------------------------------------------------------
+    @staticmethod
+    def error_message(response: requests.Response) -> str:
+        return error_message_of(response)
+
     def _request(self, method: str, endpoint: str, body: Any = None, timeout_s: float | None = None,
                  params: dict | None = None) -> requests.Response:
         url = self.base_url + endpoint
@@ -99,7 +104,7 @@ class SGLangClient:
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
             raise ServerUnreachable(f"{endpoint}: cannot connect to {self.base_url} ({e.__class__.__name__})") from e
         if r.status_code != 200:
-            raise ServerHTTPError(endpoint, r.status_code, error_message_of(r))
+            raise ServerHTTPError(endpoint, r.status_code, self.error_message(r))
         return r
 
     def _json(self, method: str, endpoint: str, body: Any = None, **kw) -> Any:
@@ -109,7 +114,6 @@ class SGLangClient:
         except ValueError:
             return r.text
 
-    # -- health and info ---------------------------------------------------------------------------------
     def health(self, timeout_s: float = 10.0) -> bool:
         try:
             self._request("GET", "/health", timeout_s=timeout_s)
@@ -117,6 +121,9 @@ class SGLangClient:
         except (ServerUnreachable, ServerHTTPError):
             return False
 
+
+class SGLangClient(HttpClient):
+    # -- info ------------------------------------------------------------------------------------------
     def server_info(self) -> dict:
         return self._json("GET", "/server_info")
 

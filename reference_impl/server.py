@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .client import SGLangClient
-from .procs import ManagedProcess, PortInUseError, check_port_free, log_tail, pick_free_port
+from .managed_server import ManagedServer, ServerStartError
+from .procs import PortInUseError
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION_ONLY = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -24,10 +24,6 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
                "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
 # Variables of the trainer's environment that must not leak into the server's venv.
 ENV_NOT_INHERITED = ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "UNSLOTH_RETURN_LOGITS", "UNSLOTH_COMPILE_LOCATION")
-
-
-class ServerStartError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -107,104 +103,16 @@ class ServerConfig:
         return env
 
 
-class SGLangServer:
-    def __init__(self, config: ServerConfig):
-        self.config = _absolute_paths(config)
-        self.port: int | None = None
-        self.process: ManagedProcess | None = None
-        self.start_s: float | None = None
-        self.stopped_by: str | None = None
-        self._client: SGLangClient | None = None
+class SGLangServer(ManagedServer):
+    name = "SGLang"
+    interpreter_hint = "run `splitrl env create` or pass --sglang-python / SPLITRL_SGLANG_PYTHON"
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def make_client(self, url: str, timeout_s: float | None = None) -> SGLangClient:
+        return SGLangClient(url) if timeout_s is None else SGLangClient(url, timeout_s=timeout_s)
 
-    @property
-    def client(self) -> SGLangClient:
-        """One client (one HTTP session, reused connections) per port the server has had."""
-        if self._client is None or self._client.base_url != self.url:
-            self._client = SGLangClient(self.url)
-        return self._client
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None, "server not started"
-        return self.process.pid
-
-    @property
-    def log_path(self) -> Path:
-        assert self.process is not None, "server not started"
-        return self.process.log_path
-
-    def start(self) -> "SGLangServer":
-        if not os.access(self.config.python, os.X_OK):
-            raise ServerStartError(f"SGLang interpreter {self.config.python!r} does not exist or is not executable:"
-                                   " run `splitrl env create` or pass --sglang-python / SPLITRL_SGLANG_PYTHON")
-        if self.config.port is not None:
-            check_port_free(self.config.port)  # a user-chosen busy port is an error, not a silent retry
-        for attempt in range(3):
-            self.port = self.config.port or pick_free_port()
-            try:
-                self._launch_and_wait()
-                return self
-            except ServerStartError as e:
-                # a port taken between our check and the child's bind: retry on a new one (auto ports only)
-                if self.config.port is None and "address already in use" in str(e).lower() and attempt < 2:
-                    continue
-                raise
-        raise AssertionError("unreachable")
-
-    def _launch_and_wait(self) -> None:
-        cfg = self.config
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        log_path = Path(cfg.log_dir) / f"sglang-{stamp}-{self.port}.log"
-        self.process = ManagedProcess(cfg.argv(self.port), cfg.child_env(), log_path, cwd=str(Path(cfg.log_dir)))
-        t0 = time.monotonic()
-        try:
-            self.process.start()
-        except OSError as e:
-            raise ServerStartError(f"cannot launch {cfg.python}: {e}") from e
-        try:
-            self._wait_healthy(t0 + cfg.startup_timeout_s)
-        except BaseException:
-            self.process.stop(term_timeout_s=10)
-            raise
-        self.start_s = time.monotonic() - t0
-
-    def _wait_healthy(self, deadline: float) -> None:
-        client = SGLangClient(self.url, timeout_s=10)
-        while True:
-            rc = self.process.exited()
-            if rc is not None:
-                raise ServerStartError(f"SGLang exited with code {rc} before it became healthy "
-                                       f"(log {self.process.log_path}):\n{log_tail(self.process.log_path)}")
-            if client.health(timeout_s=max(1.0, min(10.0, deadline - time.monotonic()))):
-                return
-            if time.monotonic() > deadline:
-                raise ServerStartError(f"SGLang not healthy after {self.config.startup_timeout_s:.0f}s "
-                                       f"(log {self.process.log_path}):\n{log_tail(self.process.log_path)}")
-            time.sleep(0.5)
-
-    def stop(self, term_timeout_s: float = 30.0) -> str:
-        if self.process is None:
-            return "gone"
-        self.stopped_by = self.process.stop(term_timeout_s=term_timeout_s)
-        return self.stopped_by
-
-    def restart(self, **changes) -> float:
-        """Stop, apply config changes (e.g. lora=... with new startup_adapters), start; returns seconds."""
-        t0 = time.monotonic()
-        self.stop()
-        self.config = _absolute_paths(dataclasses.replace(self.config, **changes))
-        self.start()
-        return time.monotonic() - t0
-
-    def __enter__(self) -> "SGLangServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    @staticmethod
+    def absolute_paths(config: "ServerConfig") -> "ServerConfig":
+        return _absolute_paths(config)
 
 
 def _absolute_paths(cfg: ServerConfig) -> ServerConfig:

@@ -24,49 +24,22 @@ from typing import Any, Sequence
 
 import requests
 
-from .client import GenerateResult, SamplingParams, ServerHTTPError, ServerUnreachable, error_message_of
+from .client import GenerateResult, HttpClient, SamplingParams, ServerHTTPError, error_message_of
 
 _METRIC_RE = re.compile(r"^(vllm:prefix_cache_(?:queries|hits))(?:_total)?(?:\{[^}]*\})?\s+([0-9.eE+\-naif]+)\s*$")
 
 
-class VLLMClient:
+class VLLMClient(HttpClient):
     def __init__(self, base_url: str, timeout_s: float = 120.0, model: str | None = None, max_workers: int = 64):
-        self.base_url = base_url.rstrip("/")
-        self.timeout_s = timeout_s
+        super().__init__(base_url, timeout_s)
         self._model = model          # the served base model name; None: read from /v1/models on first use
         self.max_workers = max_workers
-        self._session = requests.Session()
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max_workers)
         self._session.mount("http://", adapter)
 
-    # -- plumbing ------------------------------------------------------------------------------------
-    def _request(self, method: str, endpoint: str, body: Any = None, timeout_s: float | None = None,
-                 params: dict | None = None) -> requests.Response:
-        timeout = timeout_s or self.timeout_s
-        try:
-            r = self._session.request(method, self.base_url + endpoint, json=body, params=params, timeout=timeout)
-        except requests.Timeout as e:
-            raise ServerUnreachable(f"{endpoint}: no answer within {timeout:g}s") from e
-        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
-            raise ServerUnreachable(f"{endpoint}: cannot connect to {self.base_url} ({e.__class__.__name__})") from e
-        if r.status_code != 200:
-            raise ServerHTTPError(endpoint, r.status_code, _vllm_error_message(r))
-        return r
-
-    def _json(self, method: str, endpoint: str, body: Any = None, **kw) -> Any:
-        r = self._request(method, endpoint, body, **kw)
-        try:
-            return r.json()
-        except ValueError:
-            return r.text
-
-    # -- health and info ---------------------------------------------------------------------------------
-    def health(self, timeout_s: float = 10.0) -> bool:
-        try:
-            self._request("GET", "/health", timeout_s=timeout_s)
-            return True
-        except (ServerUnreachable, ServerHTTPError):
-            return False
+    @staticmethod
+    def error_message(response: requests.Response) -> str:
+        return _vllm_error_message(response)
 
     def _cards(self, timeout_s: float | None = None) -> list[dict]:
         return list(self._json("GET", "/v1/models", timeout_s=timeout_s).get("data", []))

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .procs import ManagedProcess, check_port_free, log_tail, pick_free_port
-from .server import ENV_NOT_INHERITED, OFFLINE_ENV, ServerStartError
+from .managed_server import ManagedServer, ServerStartError
+from .server import ENV_NOT_INHERITED, OFFLINE_ENV
 from .vllm_client import VLLMClient
 
 VLLM_PYTHON_ENV = "SPLITRL_VLLM_PYTHON"
@@ -100,104 +99,21 @@ class VLLMServerConfig:
         return env
 
 
-class VLLMServer:
-    def __init__(self, config: VLLMServerConfig):
-        self.config = _absolute_paths(config)
-        self.port: int | None = None
-        self.process: ManagedProcess | None = None
-        self.start_s: float | None = None
-        self.stopped_by: str | None = None
-        self._client: VLLMClient | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+class VLLMServer(ManagedServer):
+    name = "vLLM"
+    interpreter_hint = f"set {VLLM_PYTHON_ENV} to the python of a venv with vllm installed"
 
     @property
     def model_name(self) -> str:
         return self.config.served_model_name or self.config.model_path
 
-    @property
-    def client(self) -> VLLMClient:
-        if self._client is None or self._client.base_url != self.url:
-            self._client = VLLMClient(self.url, model=self.model_name)
-        return self._client
+    def make_client(self, url: str, timeout_s: float | None = None) -> VLLMClient:
+        kw = {} if timeout_s is None else {"timeout_s": timeout_s}
+        return VLLMClient(url, model=self.model_name, **kw)
 
-    @property
-    def pid(self) -> int:
-        assert self.process is not None, "server not started"
-        return self.process.pid
-
-    @property
-    def log_path(self) -> Path:
-        assert self.process is not None, "server not started"
-        return self.process.log_path
-
-    def start(self) -> "VLLMServer":
-        if not self.config.python or not os.access(self.config.python, os.X_OK):
-            raise ServerStartError(f"vLLM interpreter {self.config.python!r} does not exist or is not executable:"
-                                   f" set {VLLM_PYTHON_ENV} to the python of a venv with vllm installed")
-        if self.config.port is not None:
-            check_port_free(self.config.port)
-        for attempt in range(3):
-            self.port = self.config.port or pick_free_port()
-            try:
-                self._launch_and_wait()
-                return self
-            except ServerStartError as e:
-                if self.config.port is None and "address already in use" in str(e).lower() and attempt < 2:
-                    continue
-                raise
-        raise AssertionError("unreachable")
-
-    def _launch_and_wait(self) -> None:
-        cfg = self.config
-        log_path = Path(cfg.log_dir) / f"vllm-{time.strftime('%Y%m%d-%H%M%S')}-{self.port}.log"
-        self.process = ManagedProcess(cfg.argv(self.port), cfg.child_env(), log_path, cwd=str(Path(cfg.log_dir)))
-        t0 = time.monotonic()
-        try:
-            self.process.start()
-        except OSError as e:
-            raise ServerStartError(f"cannot launch {cfg.python}: {e}") from e
-        try:
-            self._wait_healthy(t0 + cfg.startup_timeout_s)
-        except BaseException:
-            self.process.stop(term_timeout_s=10)
-            raise
-        self.start_s = time.monotonic() - t0
-
-    def _wait_healthy(self, deadline: float) -> None:
-        client = VLLMClient(self.url, timeout_s=10)
-        while True:
-            rc = self.process.exited()
-            if rc is not None:
-                raise ServerStartError(f"vLLM exited with code {rc} before it became healthy "
-                                       f"(log {self.process.log_path}):\n{log_tail(self.process.log_path)}")
-            if client.health(timeout_s=max(1.0, min(10.0, deadline - time.monotonic()))):
-                return
-            if time.monotonic() > deadline:
-                raise ServerStartError(f"vLLM not healthy after {self.config.startup_timeout_s:.0f}s "
-                                       f"(log {self.process.log_path}):\n{log_tail(self.process.log_path)}")
-            time.sleep(0.5)
-
-    def stop(self, term_timeout_s: float = 30.0) -> str:
-        if self.process is None:
-            return "gone"
-        self.stopped_by = self.process.stop(term_timeout_s=term_timeout_s)
-        return self.stopped_by
-
-    def restart(self, **changes) -> float:
-        t0 = time.monotonic()
-        self.stop()
-        self.config = _absolute_paths(dataclasses.replace(self.config, **changes))
-        self.start()
-        return time.monotonic() - t0
-
-    def __enter__(self) -> "VLLMServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    @staticmethod
+    def absolute_paths(config: "VLLMServerConfig") -> "VLLMServerConfig":
+        return _absolute_paths(config)
 
 
 def _absolute_paths(cfg: VLLMServerConfig) -> VLLMServerConfig:
