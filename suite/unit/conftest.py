@@ -22,3 +22,12 @@ def fake(state):
 @pytest.fixture
 def client(fake) -> SGLangClient:
     return SGLangClient(fake.url, timeout_s=10)
+
+
+@pytest.fixture
+def fake_model_dir(tmp_path) -> str:
+    """A model dir the fake server accepts (it reads no weights)."""
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return str(d)

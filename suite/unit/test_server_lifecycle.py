@@ -39,17 +39,9 @@ def bystander_survives(bystander):
     assert bystander.poll() is None, "an unrelated process was killed"
 
 
-@pytest.fixture
-def model_dir(tmp_path) -> str:
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text("{}")
-    return str(d)
-
-
-def make_config(tmp_path: Path, model_dir: str, **kw) -> ServerConfig:
+def make_config(tmp_path: Path, fake_model_dir: str, **kw) -> ServerConfig:
     kw.setdefault("startup_timeout_s", 20)
-    return ServerConfig(python=sys.executable, model_path=model_dir, launch_module="fixtures.fake_sglang",
+    return ServerConfig(python=sys.executable, model_path=fake_model_dir, launch_module="fixtures.fake_sglang",
                         log_dir=tmp_path / "logs", **kw)
 
 
@@ -93,10 +85,10 @@ def non_loopback_ipv4() -> list[str]:
 
 
 # -- pure config ---------------------------------------------------------------------------------------
-def test_argv_and_child_env(tmp_path, model_dir):
+def test_argv_and_child_env(tmp_path, fake_model_dir):
     lora = LoraPoolConfig(max_rank=16, target_modules=ATTENTION_ONLY, max_loaded_loras=4,
                           startup_adapters={"policy-v1": "/adapters/v1"})
-    cfg = make_config(tmp_path, model_dir, gpu_ids="1,2", lora=lora, cuda_graphs=False, memory_saver=True,
+    cfg = make_config(tmp_path, fake_model_dir, gpu_ids="1,2", lora=lora, cuda_graphs=False, memory_saver=True,
                       extra_args=["--log-level", "debug"], extra_env={"EXTRA": "x"})
     argv = cfg.argv(23456)
     assert argv[:3] == [sys.executable, "-m", "fixtures.fake_sglang"]
@@ -105,7 +97,7 @@ def test_argv_and_child_env(tmp_path, model_dir):
         i = argv.index(flag)
         return argv[i + 1] if n == 1 else argv[i + 1:i + 1 + n]
 
-    assert after("--model-path") == model_dir
+    assert after("--model-path") == fake_model_dir
     assert after("--host") == "127.0.0.1" and after("--port") == "23456"
     assert after("--attention-backend") == "triton" and after("--sampling-backend") == "pytorch"
     assert "--enable-lora" in argv and after("--max-lora-rank") == "16"
@@ -125,11 +117,11 @@ def test_argv_and_child_env(tmp_path, model_dir):
 
 
 # -- real child processes ------------------------------------------------------------------------------
-def test_normal_start_stop_loopback_only(tmp_path, model_dir):
-    srv = SGLangServer(make_config(tmp_path, model_dir))
+def test_normal_start_stop_loopback_only(tmp_path, fake_model_dir):
+    srv = SGLangServer(make_config(tmp_path, fake_model_dir))
     try:
         srv.start()
-        assert srv.client.health() and srv.client.models() == [model_dir]
+        assert srv.client.health() and srv.client.models() == [fake_model_dir]
         pid, port = srv.pid, srv.port
         assert 20000 <= port <= 50000
         assert READY_LINE in srv.log_path.read_text()
@@ -147,8 +139,8 @@ def test_normal_start_stop_loopback_only(tmp_path, model_dir):
     assert srv.stop() == "gone"  # idempotent
 
 
-def test_exit_at_start_fails_fast_with_log_tail(tmp_path, model_dir):
-    srv = SGLangServer(make_config(tmp_path, model_dir, startup_timeout_s=60,
+def test_exit_at_start_fails_fast_with_log_tail(tmp_path, fake_model_dir):
+    srv = SGLangServer(make_config(tmp_path, fake_model_dir, startup_timeout_s=60,
                                    extra_env={"FAKE_SGLANG_MODE": "exit_at_start"}))
     t0 = time.monotonic()
     try:
@@ -161,8 +153,8 @@ def test_exit_at_start_fails_fast_with_log_tail(tmp_path, model_dir):
     assert pids_in_group(srv.pid) == []
 
 
-def test_never_healthy_times_out_and_cleans_up(tmp_path, model_dir):
-    srv = SGLangServer(make_config(tmp_path, model_dir, startup_timeout_s=1.5,
+def test_never_healthy_times_out_and_cleans_up(tmp_path, fake_model_dir):
+    srv = SGLangServer(make_config(tmp_path, fake_model_dir, startup_timeout_s=1.5,
                                    extra_env={"FAKE_SGLANG_MODE": "slow_start", "FAKE_SGLANG_START_DELAY": "1000"}))
     t0 = time.monotonic()
     try:
@@ -174,20 +166,20 @@ def test_never_healthy_times_out_and_cleans_up(tmp_path, model_dir):
     assert pids_in_group(srv.pid) == [] and not alive(srv.pid)
 
 
-def test_busy_port_is_refused_before_launch(tmp_path, model_dir):
+def test_busy_port_is_refused_before_launch(tmp_path, fake_model_dir):
     port = pick_free_port()
     with socket.socket() as held:
         held.bind(("127.0.0.1", port))
         held.listen(1)
-        srv = SGLangServer(make_config(tmp_path, model_dir, port=port))
+        srv = SGLangServer(make_config(tmp_path, fake_model_dir, port=port))
         with pytest.raises(PortInUseError, match=str(port)):
             srv.start()
         assert srv.process is None
     assert not (tmp_path / "logs").exists()
 
 
-def test_missing_interpreter(tmp_path, model_dir):
-    cfg = make_config(tmp_path, model_dir)
+def test_missing_interpreter(tmp_path, fake_model_dir):
+    cfg = make_config(tmp_path, fake_model_dir)
     cfg.python = str(tmp_path / "no-venv" / "bin" / "python")
     srv = SGLangServer(cfg)
     with pytest.raises(ServerStartError, match="splitrl env create"):
@@ -195,8 +187,8 @@ def test_missing_interpreter(tmp_path, model_dir):
     assert srv.process is None
 
 
-def test_term_ignored_escalates_to_kill(tmp_path, model_dir):
-    srv = SGLangServer(make_config(tmp_path, model_dir, extra_env={"FAKE_SGLANG_MODE": "ignore_term"}))
+def test_term_ignored_escalates_to_kill(tmp_path, fake_model_dir):
+    srv = SGLangServer(make_config(tmp_path, fake_model_dir, extra_env={"FAKE_SGLANG_MODE": "ignore_term"}))
     try:
         srv.start()
         pid = srv.pid
@@ -207,8 +199,8 @@ def test_term_ignored_escalates_to_kill(tmp_path, model_dir):
     assert pids_in_group(pid) == [] and not alive(pid)
 
 
-def test_stop_kills_grandchildren(tmp_path, model_dir):
-    srv = SGLangServer(make_config(tmp_path, model_dir, extra_env={"FAKE_SGLANG_MODE": "spawn_child"}))
+def test_stop_kills_grandchildren(tmp_path, fake_model_dir):
+    srv = SGLangServer(make_config(tmp_path, fake_model_dir, extra_env={"FAKE_SGLANG_MODE": "spawn_child"}))
     try:
         srv.start()
         pid = srv.pid
@@ -222,19 +214,19 @@ def test_stop_kills_grandchildren(tmp_path, model_dir):
     assert pids_in_group(pid) == [] and not any(alive(p) for p in group)
 
 
-def test_restart_with_startup_adapter(tmp_path, model_dir):
+def test_restart_with_startup_adapter(tmp_path, fake_model_dir):
     path = make_adapter(tmp_path / "v1", r=8)
-    srv = SGLangServer(make_config(tmp_path, model_dir, lora=LoraPoolConfig(max_rank=16,
+    srv = SGLangServer(make_config(tmp_path, fake_model_dir, lora=LoraPoolConfig(max_rank=16,
                                                                              target_modules=ATTENTION_ONLY)))
     try:
         srv.start()
         old_pid = srv.pid
-        assert srv.client.models() == [model_dir]
+        assert srv.client.models() == [fake_model_dir]
         seconds = srv.restart(lora=LoraPoolConfig(max_rank=16, target_modules=ATTENTION_ONLY,
                                                   startup_adapters={"policy-v1": path}))
         assert 0 < seconds < 20
         assert srv.pid != old_pid and pids_in_group(old_pid) == [] and not alive(old_pid)
-        assert srv.client.models() == [model_dir, "policy-v1"]
+        assert srv.client.models() == [fake_model_dir, "policy-v1"]
         res = srv.client.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2, ignore_eos=True), lora="policy-v1")
         assert res[0].completion_tokens == 2
     finally:

@@ -190,14 +190,6 @@ def test_loop_names_the_current_adapter_on_every_rollout(client, state, tmp_path
 
 # ---------------------------------------------------------------- restart (child process)
 
-@pytest.fixture
-def fake_model_dir(tmp_path) -> str:
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text("{}")
-    return str(d)
-
-
 def restart_server(tmp_path, model_dir, **kw) -> SGLangServer:
     cfg = ServerConfig(python=sys.executable, model_path=model_dir, launch_module="fixtures.fake_sglang",
                        lora=LoraPoolConfig(max_rank=16, target_modules=ATTENTION_ONLY), log_dir=tmp_path / "logs",
