@@ -56,7 +56,13 @@ def rollout(engine, strategy, task, cfg: LoopConfig, step: int) -> list[Rollout]
     prompts = task.prompts(step, cfg.prompts_per_step)
     batch = [p for p in prompts for _ in range(cfg.group_size)]  # group-contiguous, shares the prefix
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, ignore_eos=True)
-    results = engine.generate(batch, sampling, lora=adapter, timeout_s=cfg.request_timeout_s)
+    # A strategy that syncs full weights (merged) serves by the base model name: request_lora is then None,
+    # and check_result proves each response came from the version it names (meta_info.weight_version).
+    lora = getattr(strategy, "request_lora", adapter)
+    results = engine.generate(batch, sampling, lora=lora, timeout_s=cfg.request_timeout_s)
+    check = getattr(strategy, "check_result", None)
+    for result in results if check else ():
+        check(result)
     return [Rollout(p, r.output_ids, r.output_logprobs, task.reward(p, r.output_ids), r.cached_tokens, adapter)
             for p, r in zip(batch, results)]
 
