@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (offline): install the device kit, then run the GPU work of one session.
 #
+#   bash scripts/device_session.sh conformance  # pytest suite -m gpu alone (2 GPUs: split; 1 GPU: fallback)
 #   bash scripts/device_session.sh split    # 2 GPUs: conformance + run/control
 #   bash scripts/device_session.sh single    # 1 GPU: conformance + restart/release
 #   bash scripts/device_session.sh bench-rollout     # rollout tok/s, MBU, TTFT, VRAM (one call)
@@ -9,7 +10,7 @@
 # Needs .gpu-kit/ (bash ../shared/device-kit/build.sh .gpu-kit) carried with the call. Everything lands in $OUT
 # (at most 8 files come back: server logs are packed into one tarball).
 set -u
-MODE=${1:?split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
+MODE=${1:?conformance|split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
 OUT=${OUT:-/tmp/splitrl-out}; mkdir -p "$OUT"
 PREFIX=/tmp/splitrl
 bash .gpu-kit/install.sh .gpu-kit "$PREFIX" > "$OUT/install.log" 2>&1 || { tail -40 "$OUT/install.log"; exit 1; }
@@ -39,6 +40,9 @@ case $MODE in
     timeout 420 $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/pytest.log" 2>&1
     echo "pytest exit $?"; tail -25 "$OUT/pytest.log"
     wait $P1 $P2 ;;
+  conformance)  # the whole GPU conformance suite alone (no concurrent jobs), as users run it
+    timeout 540 $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/pytest.log" 2>&1
+    echo "pytest exit $?"; grep -E "^(FAILED|XFAIL|ERROR)|passed|failed" "$OUT/pytest.log" | tail -25 ;;
   split-restart)  # conformance on 2 GPUs; the restart fallback alone on GPU 1 (shared mode: one GPU)
     splitrl_run restart --steps 4 --strategy restart --inference-gpus 1 --training-gpus 1 --mem-fraction 0.15 & P1=$!
     timeout 480 $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/pytest.log" 2>&1
