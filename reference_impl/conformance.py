@@ -7,6 +7,13 @@ that sum in different orders; the tiny model's logits have std ~2.3 and reach |1
 hundredths and, rarely, ~0.1. SGLang's own HF comparison uses 0.1 on max |diff| with fp16 (3 more mantissa
 bits). Measured on 2xH200 (suite run, 2026-11-26): max 0.03-0.05, mean 0.011-0.030. A different adapter moves
 the mean by 0.65-1.44, so "clearly different" is a mean |diff| of at least 5x the measured noise and >= 0.1.
+
+The bound grows with the logprob's own size: a bf16 number of magnitude L is only known to ~L*2^-8, and after
+training steps at lr 2e-2 the policy is so sharp that fixed prompts score -27 nats on average (logits near 40).
+There the two stacks differed by mean 0.29 / max 0.89 (about 1% / 2% of |logprob|) on 2xH200, while the same
+adapter file loaded fresh on the server matched to the bit, so that is rounding, not a stale slot. Hence
+per position |d| <= 0.15 + 2^-5*|ref| (4 bf16 ulps of the value) and mean |d| <= 0.05 + 2^-6*mean|ref|.
+At the moderate logprobs of the first steps (|ref| ~ 3) this adds < 0.1 to the max and < 0.05 to the mean.
 """
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ from typing import Sequence
 MAX_ABS_TOL = 0.15
 MEAN_ABS_TOL = 0.05
 MIN_DISTINCT_MEAN = 0.1
+MAX_REL_TOL = 2 ** -5    # of |reference logprob|, per position
+MEAN_REL_TOL = 2 ** -6   # of mean |reference logprob|
 
 
 class ConformanceError(AssertionError):
@@ -27,32 +36,45 @@ class LogprobDiff:
     max_abs: float
     mean_abs: float
     positions: int
+    mean_ref: float = 0.0     # mean |b| (the reference side)
+    worst_excess: float = 0.0  # max over positions of |d| - (MAX_ABS_TOL + MAX_REL_TOL*|b|); > 0 fails
 
     def __str__(self) -> str:
-        return f"max|d|={self.max_abs:.4f} mean|d|={self.mean_abs:.4f} over {self.positions} positions"
+        return (f"max|d|={self.max_abs:.4f} mean|d|={self.mean_abs:.4f} over {self.positions} positions "
+                f"(mean|ref|={self.mean_ref:.2f})")
+
+    @property
+    def mean_tolerance(self) -> float:
+        return MEAN_ABS_TOL + MEAN_REL_TOL * self.mean_ref
+
+    def within_tolerance(self) -> bool:
+        return self.worst_excess <= 0 and self.mean_abs <= self.mean_tolerance
 
 
 def logprob_diff(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> LogprobDiff:
     """Per-position |a-b| over prompts; None entries (SGLang's position 0) are skipped."""
     if len(a) != len(b):
         raise ConformanceError(f"{len(a)} vs {len(b)} prompts")
-    diffs = []
+    diffs, refs = [], []
     for i, (ra, rb) in enumerate(zip(a, b)):
         ra = [x for x in ra if x is not None]
         rb = [x for x in rb if x is not None]
         if len(ra) != len(rb):
             raise ConformanceError(f"prompt {i}: {len(ra)} vs {len(rb)} logprobs (misaligned)")
         diffs += [abs(x - y) for x, y in zip(ra, rb)]
+        refs += [abs(y) for y in rb]
     if not diffs:
         raise ConformanceError("no positions to compare")
-    return LogprobDiff(max(diffs), sum(diffs) / len(diffs), len(diffs))
+    excess = max(d - (MAX_ABS_TOL + MAX_REL_TOL * r) for d, r in zip(diffs, refs))
+    return LogprobDiff(max(diffs), sum(diffs) / len(diffs), len(diffs), sum(refs) / len(refs), excess)
 
 
 def assert_matches(served, reference, what: str) -> LogprobDiff:
     d = logprob_diff(served, reference)
-    if d.max_abs > MAX_ABS_TOL or d.mean_abs > MEAN_ABS_TOL:
+    if not d.within_tolerance():
         raise ConformanceError(f"{what}: served logprobs differ from the reference beyond bf16 tolerance "
-                               f"(max {MAX_ABS_TOL}, mean {MEAN_ABS_TOL}): {d}")
+                               f"(per position {MAX_ABS_TOL} + 2^-5*|ref|, mean {d.mean_tolerance:.3f}): {d}; "
+                               f"worst position exceeds its bound by {max(d.worst_excess, 0):.3f}")
     return d
 
 

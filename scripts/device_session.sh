@@ -10,7 +10,7 @@
 # Needs .gpu-kit/ (bash ../shared/device-kit/build.sh .gpu-kit) carried with the call. Everything lands in $OUT
 # (at most 8 files come back: server logs are packed into one tarball).
 set -u
-MODE=${1:?conformance|split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
+MODE=${1:?bench-1gpu|conformance|split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
 OUT=${OUT:-/tmp/splitrl-out}; mkdir -p "$OUT"
 PREFIX=/tmp/splitrl
 bash .gpu-kit/install.sh .gpu-kit "$PREFIX" > "$OUT/install.log" 2>&1 || { tail -40 "$OUT/install.log"; exit 1; }
@@ -67,6 +67,16 @@ case $MODE in
     timeout 540 $PY -m pytest suite/benchmarks/test_bench_rollout.py --benchmark-only -q -rs -p no:cacheprovider \
       --results-dir "$OUT" --benchmark-json "$OUT/benchmark.json" > "$OUT/bench.log" 2>&1
     echo "bench exit $?"; tail -25 "$OUT/bench.log" ;;
+  bench-1gpu)  # one call on a 1-GPU kind: the memory-saver probe, rollout (1.7B), then sync/restart/release
+    timeout 90 $PREFIX/sglang-venv/bin/python scripts/probe_tms.py > "$OUT/probe-tms.log" 2>&1
+    echo "probe exit $?"; grep -E "freed by pause|exit|Error" "$OUT/probe-tms.log" | tail -6
+    SPLITRL_BENCH_SHAPES=qwen3-1.7b SPLITRL_BENCH_CONCURRENCY=64,256 \
+    timeout 280 $PY -m pytest suite/benchmarks/test_bench_rollout.py --benchmark-only -q -rs -p no:cacheprovider \
+      --results-dir "$OUT" > "$OUT/bench-rollout.log" 2>&1
+    echo "rollout bench exit $? at ${SECONDS}s"; grep -E "passed|failed|^E  " "$OUT/bench-rollout.log" | tail -8
+    SPLITRL_BENCH_SYNC_ROUNDS=5 SPLITRL_BENCH_SYNC_SHAPES=qwen3-1.7b timeout $((565 - SECONDS)) $PY -m pytest suite/benchmarks/test_bench_sync.py \
+      --benchmark-only -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/bench-sync.log" 2>&1
+    echo "sync bench exit $? at ${SECONDS}s"; grep -E "passed|failed|^E  " "$OUT/bench-sync.log" | tail -8 ;;
   bench-sync-step)  # hot reload by rank, restart cold/warm, release/resume, GRPO step breakdown + TRL-HF peer
     SPLITRL_BENCH_STEPS=${SPLITRL_BENCH_STEPS:-3} SPLITRL_BENCH_SYNC_ROUNDS=${SPLITRL_BENCH_SYNC_ROUNDS:-5} \
     timeout 540 $PY -m pytest suite/benchmarks/test_bench_sync.py suite/benchmarks/test_bench_step.py \
