@@ -10,7 +10,7 @@
 # Needs .gpu-kit/ (bash ../shared/device-kit/build.sh .gpu-kit) carried with the call. Everything lands in $OUT
 # (at most 8 files come back: server logs are packed into one tarball).
 set -u
-MODE=${1:?bench-1gpu|conformance|split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
+MODE=${1:?final4|bench-1gpu|conformance|split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
 OUT=${OUT:-/tmp/splitrl-out}; mkdir -p "$OUT"
 PREFIX=/tmp/splitrl
 bash .gpu-kit/install.sh .gpu-kit "$PREFIX" > "$OUT/install.log" 2>&1 || { tail -40 "$OUT/install.log"; exit 1; }
@@ -24,6 +24,7 @@ nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,nohea
 N=$(nvidia-smi -L | wc -l); CARD=h100; nvidia-smi -L | grep -q H200 && CARD=h200
 if [ "$CARD" = h200 ] && [ "$N" = 1 ]; then KIND=nvidia-h200; else KIND=nvidia-$CARD-x$N; fi
 export SPLITRL_DEVICE_KIND=$KIND; echo "device kind: $KIND"
+mkdir -p "$OUT/logs"
 $PY -c "from reference_impl.models import resolve_model; print(resolve_model('tiny'))" || exit 1
 
 splitrl_run() {  # name, then `splitrl run` args
@@ -77,6 +78,36 @@ case $MODE in
     SPLITRL_BENCH_SYNC_ROUNDS=5 SPLITRL_BENCH_SYNC_SHAPES=qwen3-1.7b timeout $((565 - SECONDS)) $PY -m pytest suite/benchmarks/test_bench_sync.py \
       --benchmark-only -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/bench-sync.log" 2>&1
     echo "sync bench exit $? at ${SECONDS}s"; grep -E "passed|failed|^E  " "$OUT/bench-sync.log" | tail -8 ;;
+  final4)  # a 4-GPU machine as two 2-GPU pairs at once (conformance | step benchmark), then two pipelined runs,
+           # then the seed's 1 inference + 3 DDP training layout with what time is left (hard stop at 530 s)
+    END=530
+    CUDA_VISIBLE_DEVICES=0,1 timeout 300 $PY -m pytest -q -rs -p no:cacheprovider --results-dir "$OUT/pair-a" \
+      suite/conformance/test_hot_reload.py::test_served_policy_changes_every_step suite/conformance/test_one_gpu.py \
+      suite/conformance/test_pipeline.py suite/conformance/test_merged_sync.py > "$OUT/logs/pytest-a.log" 2>&1 &
+    PA=$!
+    CUDA_VISIBLE_DEVICES=2,3 SPLITRL_BENCH_STEPS=6 timeout 300 $PY -m pytest suite/benchmarks/test_bench_step.py \
+      -k "split or trl" --benchmark-only -q -rs -p no:cacheprovider --results-dir "$OUT/pair-b" \
+      > "$OUT/logs/bench-step-b.log" 2>&1 &
+    PB=$!
+    wait $PA; echo "pair A conformance exit $? at ${SECONDS}s"; grep -E "^(FAILED|XFAIL|ERROR)|passed|failed" "$OUT/logs/pytest-a.log" | tail -12
+    wait $PB; echo "pair B step bench exit $? at ${SECONDS}s"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/logs/bench-step-b.log" | tail -8
+    LEFT=$((END - SECONDS)); [ $LEFT -gt 200 ] && LEFT=200
+    CUDA_VISIBLE_DEVICES=0,1 timeout $LEFT $PY -m reference_impl.cli run --pipeline --steps 12 --mem-fraction 0.15 \
+      --results "$OUT/run-pipelined-tiny.csv" --log-dir "$OUT/logs" > "$OUT/logs/run-pipelined-tiny.log" 2>&1 &
+    P1=$!
+    CUDA_VISIBLE_DEVICES=2,3 timeout $LEFT $PY -m reference_impl.cli run --pipeline --steps 4 --model qwen3-1.7b \
+      --mem-fraction 0.3 --results "$OUT/run-pipelined-1.7b.csv" --log-dir "$OUT/logs" \
+      > "$OUT/logs/run-pipelined-1.7b.log" 2>&1 &
+    P2=$!
+    wait $P1; echo "pipelined tiny exit $? | $(tail -1 "$OUT/logs/run-pipelined-tiny.log")"
+    wait $P2; echo "pipelined 1.7b exit $? | $(tail -1 "$OUT/logs/run-pipelined-1.7b.log")"
+    LEFT=$((END - SECONDS))
+    if [ $LEFT -gt 90 ]; then
+      timeout $LEFT $PY -m reference_impl.cli run --steps 6 --inference-gpus 0 --training-gpus 1,2,3 \
+        --mem-fraction 0.15 --results "$OUT/run-ddp-1+3.csv" --log-dir "$OUT/logs" > "$OUT/logs/run-ddp.log" 2>&1
+      echo "ddp 1+3 exit $? at ${SECONDS}s | $(tail -1 "$OUT/logs/run-ddp.log")"
+    else echo "ddp 1+3 skipped: ${LEFT}s left"; fi
+    for d in pair-a pair-b; do for f in "$OUT/$d"/*.csv; do [ -f "$f" ] && mv "$f" "$OUT/$d-$(basename "$f")"; done; rm -rf "$OUT/$d"; done ;;
   bench-sync-step)  # hot reload by rank, restart cold/warm, release/resume, GRPO step breakdown + TRL-HF peer
     SPLITRL_BENCH_STEPS=${SPLITRL_BENCH_STEPS:-3} SPLITRL_BENCH_SYNC_ROUNDS=${SPLITRL_BENCH_SYNC_ROUNDS:-5} \
     timeout 540 $PY -m pytest suite/benchmarks/test_bench_sync.py suite/benchmarks/test_bench_step.py \
