@@ -15,19 +15,7 @@ from safetensors.torch import load_file  # noqa: E402
 from reference_impl.adapters import make_peft_adapter, synthetic_lora_adapter  # noqa: E402
 from reference_impl.merge import MergeError, WeightMerger, adapter_scale, base_key  # noqa: E402
 from reference_impl.server import ALL_LINEAR, ATTENTION_ONLY  # noqa: E402
-
-
-def micro_model(path: Path, tied: bool, dtype=torch.bfloat16, seed: int = 0) -> Path:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    cfg = Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied,
-                      max_position_embeddings=256)
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg).to(dtype)
-    model.save_pretrained(path, safe_serialization=True)
-    (path / "tokenizer_config.json").write_text("{}")  # stands for the tokenizer files: must be copied
-    return path
+from suite.unit.micro_model import micro_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +25,7 @@ def tied_bf16(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def untied_fp32(tmp_path_factory):
-    return micro_model(tmp_path_factory.mktemp("untied") / "m", tied=False, dtype=torch.float32)
+    return micro_model(tmp_path_factory.mktemp("untied") / "m", tied=False, dtype="float32")
 
 
 def peft_merged(base: Path, adapter: Path) -> dict:
