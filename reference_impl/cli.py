@@ -3,7 +3,7 @@
     splitrl plan [--inventory 4xH100-80GB] [--inference-gpus 0] [--training-gpus 1,2,3] [--tp 1] [--model qwen3-4b]
     splitrl doctor [--sglang-python PATH]
     splitrl env create [--prefix DIR] [--dry-run] | splitrl env check [--sglang-python PATH]
-    splitrl run --model tiny --steps 30 [--strategy auto|hot-reload|restart|release-resume] [--no-sync]
+    splitrl run --model tiny --steps 30 [--strategy auto|hot-reload|restart|release-resume|merged] [--no-sync]
     splitrl compare results/*.csv [--baseline LABEL] [--plot out.png] [--label-by device|file|backend]
 """
 from __future__ import annotations
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts", type=int, default=4, help="prompts per step")
     p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--strategy", default="auto", choices=["auto", "hot-reload", "restart", "release-resume"])
+    p.add_argument("--strategy", default="auto", choices=["auto", "hot-reload", "restart", "release-resume", "merged"])
     p.add_argument("--no-sync", action="store_true", help="control run: never publish new adapters")
     p.add_argument("--engine", default="sglang", choices=["sglang", "hf"])
     p.add_argument("--trainer", default="auto", choices=["auto", "unsloth", "peft"])

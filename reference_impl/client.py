@@ -168,6 +168,39 @@ class SGLangClient(HttpClient):
         js = self._json("POST", "/unload_lora_adapter", {"lora_name": name}, timeout_s=timeout_s)
         return _lora_update_result("/unload_lora_adapter", js)
 
+    # -- full-weight updates (merged sync) ---------------------------------------------------------------
+    def update_weights_from_disk(self, model_path: str, *, load_format: str | None = None,
+                                 weight_version: str | None = None, flush_cache: bool = True,
+                                 abort_all_requests: bool = False, timeout_s: float | None = 600.0) -> dict:
+        """Load a full HF checkpoint dir into the running server. Returns SGLang's answer (success, message,
+        num_paused_requests). A 400 or success=false (SGLang has rolled back to the previous weights) raises
+        ServerHTTPError naming SGLang's message. Flushing while requests RUN crashes SGLang 0.5.14's scheduler:
+        pause_generation(mode="retract") first (see shared notes section 3)."""
+        body: dict[str, Any] = {"model_path": str(model_path), "flush_cache": flush_cache,
+                                "abort_all_requests": abort_all_requests}
+        if load_format is not None:
+            body["load_format"] = load_format  # "auto" on a --load-format dummy server, else its loader fails
+        if weight_version is not None:
+            body["weight_version"] = weight_version
+        js = self._json("POST", "/update_weights_from_disk", body, timeout_s=timeout_s)
+        if not isinstance(js, dict) or not js.get("success", False):
+            msg = (js.get("message") or js.get("error_message")) if isinstance(js, dict) else str(js)
+            raise ServerHTTPError("/update_weights_from_disk", 200, msg or "success=false")
+        return js
+
+    def pause_generation(self, mode: str = "retract", timeout_s: float | None = None) -> Any:
+        """mode: "abort" (SGLang's default: running requests fail), "retract" (back to the queue, KV freed,
+        recomputed after continue), "in_place" (kept running state: a flush would then crash the scheduler)."""
+        if mode not in ("abort", "retract", "in_place"):
+            raise ValueError(f"pause mode {mode!r}: use abort, retract or in_place")
+        return self._json("POST", "/pause_generation", {"mode": mode}, timeout_s=timeout_s)
+
+    def continue_generation(self, timeout_s: float | None = None) -> Any:
+        return self._json("POST", "/continue_generation", {}, timeout_s=timeout_s)
+
+    def weight_version(self) -> str | None:
+        return self.model_info().get("weight_version")
+
     # -- cache and memory --------------------------------------------------------------------------------
     def flush_cache(self, wait_idle_s: float = 0.0) -> None:
         params = {"timeout": wait_idle_s} if wait_idle_s > 0 else None

@@ -138,7 +138,8 @@ def _plot_family(ax, rows: pd.DataFrame, labels: list[str], family: str) -> None
     positions = range(len(rows))
     for i, label in enumerate(labels):
         offsets = [p + i * bar_height for p in positions]
-        ax.barh(offsets, rows[label], height=bar_height, label=label)
+        # inf (e.g. a crossover that never happens) has no bar length: drawn as no bar, the table says inf
+        ax.barh(offsets, rows[label].replace([math.inf, -math.inf], math.nan), height=bar_height, label=label)
     ax.set_yticks([p + 0.4 - bar_height / 2 for p in positions])
     ax.set_yticklabels([_row_name(r) for _, r in rows.iterrows()], fontsize=7)
     ax.invert_yaxis()  # table order, top to bottom

@@ -133,3 +133,11 @@ def check_inplace_reload(client, name: str, old_path: str, new_path: str, prompt
     fresh = client.generate([prompt], sampling, lora=name, return_logprob=True)[0]
     assert_matches([served.output_logprobs], [fresh.output_logprobs], "output after load_inplace")
     assert_cold(served.cached_tokens, "first request after load_inplace")
+
+
+def assert_weight_version(versions: Sequence[str | None], expected: str, what: str) -> None:
+    """Every response must name the weight version pushed (meta_info.weight_version): a server that answered
+    the update with success but serves older weights says so here, or the logprob checks catch it."""
+    wrong = sorted({str(v) for v in versions if v != expected})
+    if wrong:
+        raise ConformanceError(f"{what}: responses name weight_version {wrong}, the version pushed is {expected!r}")

@@ -7,6 +7,7 @@ that weights flow through saved adapters), and it is the "HF generate" peer base
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Sequence
 
 from .client import GenerateResult, SamplingParams, ServerHTTPError
@@ -26,6 +27,8 @@ class HFEngine:
         self.model = self.base           # becomes a PeftModel at the first adapter load
         self.adapters: dict[str, str] = {}
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.model_path = str(model_path)
+        self.weight_version = "default"  # as SGLang: reported with every result, set by full-weight updates
 
     # -- the SGLangClient surface the sync strategies and the loop use ---------------------------------
     def health(self, timeout_s: float = 0) -> bool:
@@ -47,6 +50,50 @@ class HFEngine:
         self._cast_adapter(name)
         self.adapters[name] = path
         return dict(self.adapters)
+
+    # -- full-weight updates (the merged strategy) -------------------------------------------------------
+    def update_weights_from_disk(self, model_path: str, load_format: str | None = None,
+                                 weight_version: str | None = None, flush_cache: bool = True,
+                                 abort_all_requests: bool = False, timeout_s: float | None = None) -> dict:
+        """Copy every base weight from the checkpoint dir into the model (same names, shapes); an incomplete or
+        mismatched checkpoint changes nothing and raises, as SGLang rolls back on a load error."""
+        from safetensors.torch import load_file
+
+        if self.adapters:
+            raise ServerHTTPError("/update_weights_from_disk", 400, "HFEngine: unload the LoRA adapters before a "
+                                  f"full-weight update (loaded: {list(self.adapters)})")
+        shards = sorted(Path(model_path).glob("*.safetensors"))
+        if not shards:
+            raise ServerHTTPError("/update_weights_from_disk", 400, f"Failed to update weights: no safetensors "
+                                  f"in {model_path}; rolled back to the original weights")
+        new = {}
+        for shard in shards:
+            new.update(load_file(str(shard)))
+        params = dict(self.base.named_parameters())
+        tied = self.base.get_output_embeddings() is not None and \
+            self.base.get_output_embeddings().weight is self.base.get_input_embeddings().weight
+        absent = [n for n in params if n not in new and not (tied and n == "lm_head.weight")]
+        bad = [n for n, t in new.items() if n not in params or tuple(t.shape) != tuple(params[n].shape)]
+        if absent or bad:
+            raise ServerHTTPError("/update_weights_from_disk", 400, "Failed to update weights: checkpoint does not "
+                                  f"fit the model (missing {absent[:3]}, unexpected/misshaped {bad[:3]}); rolled "
+                                  "back to the original weights")
+        with self.torch.no_grad():
+            for n, t in new.items():
+                params[n].copy_(t.to(params[n].dtype))
+        self.model_path = str(model_path)
+        if weight_version is not None:
+            self.weight_version = weight_version
+        return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+
+    def pause_generation(self, mode: str = "retract", timeout_s: float | None = None) -> dict:
+        return {}  # in-process and synchronous: nothing is ever in flight during a sync
+
+    def continue_generation(self, timeout_s: float | None = None) -> dict:
+        return {}
+
+    def model_info(self) -> dict:
+        return {"model_path": self.model_path, "weight_version": self.weight_version, "is_generation": True}
 
     def _cast_adapter(self, name: str) -> None:
         """Hold the adapter in the model's dtype, as a server does. PEFT keeps LoRA weights in float32 (it even
@@ -85,7 +132,8 @@ class HFEngine:
             out_ids, out_lps = self._sample(input_ids, sampling)
         dt = time.perf_counter() - t0
         return [GenerateResult(output_ids=o, prompt_tokens=len(p), completion_tokens=len(o), cached_tokens=0,
-                               finish_reason="length", output_logprobs=lp, e2e_latency_s=dt)
+                               finish_reason="length", output_logprobs=lp, e2e_latency_s=dt,
+                               weight_version=self.weight_version)
                 for p, o, lp in zip(input_ids, out_ids, out_lps)]
 
     # -- internals -----------------------------------------------------------------------------------

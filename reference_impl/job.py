@@ -26,7 +26,7 @@ from .server import ALL_LINEAR, LoraPoolConfig, SGLangServer, ServerConfig
 class RunConfig:
     model: str = "tiny"
     loop: LoopConfig = field(default_factory=LoopConfig)
-    strategy: str = "auto"            # auto | hot-reload | restart | release-resume | none
+    strategy: str = "auto"            # auto | hot-reload | restart | release-resume | none | merged
     engine: str = "sglang"            # sglang | hf (in-process, CPU-capable)
     trainer: str = "auto"             # auto (unsloth on GPU, peft otherwise) | unsloth | peft
     inference_gpus: list[str] | None = None
@@ -67,13 +67,15 @@ def _server_config(cfg: RunConfig, plan: SplitPlan, model_path: str, strategy: s
     extra = ["--enable-weights-cpu-backup"] if strategy == "release-resume" else []
     return ServerConfig(python=require_sglang_python(cfg.sglang_python), model_path=model_path,
                         gpu_ids=plan.inference_cvd(), tp_size=plan.tp_size,
-                        lora=LoraPoolConfig(max_rank=max(cfg.rank, 16), target_modules=ALL_LINEAR),
+                        # merged serves full weights by the base name: no LoRA pool (it costs throughput)
+                        lora=None if strategy == "merged" else LoraPoolConfig(max_rank=max(cfg.rank, 16),
+                                                                              target_modules=ALL_LINEAR),
                         mem_fraction_static=cfg.mem_fraction or (0.3 if shared else 0.5),
                         cuda_graphs=cfg.cuda_graphs, memory_saver=strategy == "release-resume",
                         extra_args=extra, log_dir=cfg.log_dir)
 
 
-def _make_strategy(name: str, server, engine, plan: SplitPlan | None):
+def _make_strategy(name: str, server, engine, plan: SplitPlan | None, base_model_path: str | None = None):
     from . import sync
     from .procs import pids_in_group
 
@@ -83,6 +85,9 @@ def _make_strategy(name: str, server, engine, plan: SplitPlan | None):
         return sync.NoSync(engine)
     if name == "restart":
         return sync.Restart(server)
+    if name == "merged":  # full weights: merged into the base on the trainer side, loaded whole by the server
+        from .sync_merged import MergedSync
+        return MergedSync(engine, base_model_path)
     if name == "release-resume":
         return sync.ReleaseResume(engine, gpu_index=plan.inference[0].index if plan else None,
                                   server_pids=lambda: pids_in_group(server.pid))
@@ -168,7 +173,7 @@ def run_job(cfg: RunConfig) -> list:
                        "trainer": trainer_backend, "sync": strategy_name != "none",
                        "training_ranks": dist.world if dist else 1}}
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    server = trainer = None
+    server = trainer = strategy = None
     try:
         if on_gpu:
             server = SGLangServer(_server_config(cfg, plan, str(model.path), strategy_name)).start()
@@ -179,7 +184,7 @@ def run_job(cfg: RunConfig) -> list:
         trainer = LoraTrainer(_trainer_config(cfg, model, trainer_backend, device))
         from .tasks import WordStartTask
         task = WordStartTask(str(model.path), seed=cfg.seed)
-        strategy = _make_strategy(strategy_name, server, engine, plan)
+        strategy = _make_strategy(strategy_name, server, engine, plan, str(model.path))
         show = print_step(cfg.loop.steps)
 
         def on_step(rec):
@@ -189,6 +194,8 @@ def run_job(cfg: RunConfig) -> list:
         return run_loop(cfg.loop, trainer, engine, strategy, task, on_step=on_step, dist=dist)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if strategy is not None:
+            strategy.close()  # the merged strategy removes its merged checkpoints from tmpfs
         if server is not None:
             server.stop()
         if trainer is not None:

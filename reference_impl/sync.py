@@ -179,4 +179,4 @@ class ReleaseResume(HotReload):
         return None if self.gpu_index is None else gpu_memory_used_mib([self.gpu_index]).get(self.gpu_index)
 
 
-STRATEGIES = ("auto", "hot-reload", "restart", "release-resume", "none")
+STRATEGIES = ("auto", "hot-reload", "restart", "release-resume", "none", "merged")  # merged: sync_merged.py

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +19,7 @@ from reference_impl.devices import GpuInfo
 from reference_impl.results import ResultsWriter, read_results
 from reference_impl.server import ServerConfig
 
+from . import test_bench_merged as merged_mod
 from . import test_bench_rollout as rollout_mod
 from . import test_bench_sync as sync_mod
 from .conftest import ServerSlot
@@ -40,8 +42,10 @@ class StubBenchmark:
 
 @pytest.fixture
 def pool(tmp_path, model_dir):
+    # the fake child must be this checkout's (an editable install elsewhere would otherwise win)
+    here = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     base = ServerConfig(python=sys.executable, model_path=str(model_dir.path), launch_module="fixtures.fake_sglang",
-                        lora=TEST_POOL, log_dir=tmp_path / "logs", startup_timeout_s=60)
+                        lora=TEST_POOL, log_dir=tmp_path / "logs", startup_timeout_s=60, extra_env=here)
     p = ServerPool(base)
     yield p
     p.close()
@@ -115,3 +119,22 @@ def test_release_resume_body_on_the_fake(pool, plan, writer, adapter_factory, mo
     metrics = {m for m, _ in _rows(writer)}
     assert {"release_s", "resume_s", "released_mib", "sync_ms"} <= metrics
     assert bench.extra_info["released_mib"] == 6000.0
+
+
+def test_merged_crossover_body_on_the_fake(pool, plan, writer, tmp_path_factory, monkeypatch):
+    """The merged benchmark end to end on the tiny model (real merge, real tmpfs writes) against the fake: one
+    warm-up and one measured step per (strategy, rank), every merged reply checked for the pushed version."""
+    for name, value in dict(RANKS=[8], ROUNDS=1, CONCURRENCY=2, PROMPT_LEN=8, GEN_LEN=4, MEM_FRACTION=0.2).items():
+        monkeypatch.setattr(merged_mod, name, value)
+    slot, bench = ServerSlot(pool), StubBenchmark()
+    merged_mod.test_merged_vs_hot_reload(bench, "tiny", slot, plan, writer, tmp_path_factory)
+    assert slot.key is None and bench.calls == 1  # the server was released at the end
+    df = read_results(writer.path)
+    got = {(t, m, s) for t, m, s in zip(df["test"], df["metric"], df["strategy"])}
+    for strategy in ("merged", "hot-reload"):
+        assert ("sync_merged", "sync_ms", strategy) in got and ("rollout_merged", "output_tok_s", strategy) in got
+        assert ("step_merged", "step_s", strategy) in got
+    assert {("sync_merged", m, "merged") for m in ("merge_ms", "write_ms", "update_ms", "pause_ms")} <= got
+    crossover = df[df["metric"] == "crossover_tokens_per_step"]
+    assert len(crossover) == 1 and json.loads(crossover["params"].iloc[0])["rank"] == 8
+    assert "crossover_reason[r8]" in bench.extra_info

@@ -16,7 +16,8 @@ from .bugcatch_common import adapters, fake_state, reference, served_logprobs, s
 def test_bug_modes_are_opt_in_and_named():
     assert fake_state().bugs == frozenset()
     assert set(BUGS) == {"stale_adapter", "serve_base", "keep_radix_on_reload", "never_unload",
-                         "restart_without_adapter"}
+                         "restart_without_adapter", "ignore_weight_update", "update_label_only",
+                         "no_flush_on_update"}
     with pytest.raises(ValueError, match="unknown fake SGLang bug"):
         fake_state(bugs="stale_adaptor")
 
