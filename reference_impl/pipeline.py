@@ -22,6 +22,7 @@ joined (bounded) on every exit, KeyboardInterrupt included.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -114,8 +115,15 @@ class _Worker(threading.Thread):
         self.served = served
         self.out: queue.Queue = queue.Queue(maxsize=pcfg.max_staleness + 1)
         self.error: BaseException | None = None
+        torch = sys.modules.get("torch")
+        self.threads = torch.get_num_threads() if torch is not None else None
 
     def run(self) -> None:
+        torch = sys.modules.get("torch")
+        if self.threads is not None and torch is not None:
+            # OpenMP's thread count is per thread: a new thread starts from the default, not the caller's
+            # setting. The same count keeps CPU sampling bit-identical to the sequential loop at k=0.
+            torch.set_num_threads(self.threads)
         try:
             for b in range(self.cfg.steps):
                 got = self.versions.newest_at_least(max(0, b - self.pcfg.max_staleness), self.pcfg.wait_timeout_s)
