@@ -146,8 +146,10 @@ def test_k0_reproduces_the_sequential_loop(tiny, tmp_path_factory, sequential):
 
 def test_sampler_logprobs_come_from_the_recorded_version(tiny, pipelined):
     """A subset (2 samples of every step): the HF+PEFT logprobs of the completion under the recorded version's
-    saved adapter equal the sampler's (same float32 engine: batched vs single forward noise ~1e-5), and the
-    adjacent version's are clearly further away."""
+    saved adapter equal the sampler's (same float32 engine: batched vs single forward noise < 1e-3), and the
+    adjacent version's are further away: clearly (mean > 0.01) while the policy still moves. Once the reward is
+    ~1.0 the groups have equal rewards, the policy stops moving and adjacent versions coincide (measured
+    1.3e-5 at step 10), so "clearly" is required on half of the steps, "further" on all."""
     engine = HFEngine(str(tiny.path), seed=0)
     loaded: set[int] = set()
 
@@ -163,13 +165,15 @@ def test_sampler_logprobs_come_from_the_recorded_version(tiny, pipelined):
         flat = [abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
         return max(flat), sum(flat) / len(flat)
 
+    clear = []
     for step, rolls in enumerate(pipelined.batches):
         subset = [rolls[0], rolls[-1]]
         v = subset[0].version
         sampler = [r.sampler_logprobs for r in subset]
         match_max, match_mean = diff(logprobs(v, subset), sampler)
         assert match_max < 1e-3, f"step {step}: sampler logprobs are not {version_name(v)}'s ({match_max:.2e})"
-        other = v + 1 if v < step else v - 1  # the adjacent version the trainer also had at this point
-        if other >= 0:
-            _, other_mean = diff(logprobs(other, subset), sampler)
-            assert other_mean > max(100 * match_mean, 1e-3), (step, v, other, match_mean, other_mean)
+        other = v + 1  # saved by the trainer too (every version up to STEPS is)
+        _, other_mean = diff(logprobs(other, subset), sampler)
+        assert other_mean > match_mean, (step, v, other, match_mean, other_mean)
+        clear.append(other_mean > 0.01)
+    assert sum(clear) >= STEPS // 2, f"adjacent versions clearly different on too few steps: {clear}"
