@@ -261,3 +261,22 @@ def vram_rows(base: dict, peaks_mib: dict[int, float], params: dict) -> list[Res
 def stat_values(samples: dict[str, list[float]]) -> dict[str, float]:
     """{metric: median} for each non-empty sample list (metric names keep their unit suffix)."""
     return {m: statistics.median(v) for m, v in samples.items() if v}
+
+
+def busy_rows(base: dict, busy: dict[int, float], active: dict[int, float], params: dict) -> list[ResultRow]:
+    """gpu_busy_ratio (mean NVML utilisation / 100) and gpu_active_ratio (share of samples > 0) per GPU."""
+    rows = [ResultRow(metric="gpu_busy_ratio", value=float(v), params={**params, "gpu": int(i)}, **base)
+            for i, v in sorted(busy.items())]
+    return rows + [ResultRow(metric="gpu_active_ratio", value=float(v), params={**params, "gpu": int(i)}, **base)
+                   for i, v in sorted(active.items())]
+
+
+# (numerator, denominator) variant pairs of the step benchmark's summary: < 1 means the numerator is faster.
+STEP_RATIO_PAIRS = (("split_pipelined", "split"), ("split_pipelined", "trl_peer"), ("split", "trl_peer"))
+
+
+def step_time_ratio_rows(base: dict, wall_per_step_s: dict[str, float], params: dict) -> list[ResultRow]:
+    """step_time_ratio = wall per step of one variant / another's, for each pair whose two variants ran."""
+    return [ResultRow(metric="step_time_ratio", value=wall_per_step_s[a] / wall_per_step_s[b],
+                      params={**params, "numerator": a, "denominator": b, "stat": "wall_per_step"}, **base)
+            for a, b in STEP_RATIO_PAIRS if a in wall_per_step_s and b in wall_per_step_s and wall_per_step_s[b] > 0]

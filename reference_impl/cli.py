@@ -4,6 +4,7 @@
     splitrl doctor [--sglang-python PATH]
     splitrl env create [--prefix DIR] [--dry-run] | splitrl env check [--sglang-python PATH]
     splitrl run --model tiny --steps 30 [--strategy auto|hot-reload|restart|release-resume|merged] [--no-sync]
+                [--pipeline [--max-staleness 1] [--tis-cap 2.0]]
     splitrl compare results/*.csv [--baseline LABEL] [--plot out.png] [--label-by device|file|backend]
 """
 from __future__ import annotations
@@ -85,7 +86,8 @@ def cmd_run(args) -> int:
                     inference_gpus=_gpu_list(args.inference_gpus), training_gpus=_gpu_list(args.training_gpus),
                     tp=args.tp, sglang_python=args.sglang_python, lr=args.lr, rank=args.rank, seed=args.seed,
                     results=Path(args.results), log_dir=Path(args.log_dir), cuda_graphs=args.cuda_graphs,
-                    mem_fraction=args.mem_fraction)
+                    mem_fraction=args.mem_fraction, pipeline=args.pipeline, max_staleness=args.max_staleness,
+                    tis_cap=args.tis_cap)
     relaunch = ddp_relaunch_argv(cfg, args.raw_argv)
     if relaunch:  # a training group of several GPUs: one process per GPU
         import os
@@ -146,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--mem-fraction", type=float, help="SGLang --mem-fraction-static (default 0.5 split, 0.3 shared)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="overlap rollouts of step n+1 with training of step n (split + hot reload, or --engine hf)")
+    p.add_argument("--max-staleness", type=int, default=1,
+                   help="pipelined: sample each batch with a version at most this many steps behind (0: sequential)")
+    p.add_argument("--tis-cap", type=float, default=None,
+                   help="decoupled off-policy objective: weight tokens by min(pi_trainer/pi_sampler, CAP) "
+                        "(default 2.0 with --pipeline, off otherwise; 0 turns it off)")
     p.add_argument("--results", default="results/run.csv")
     p.add_argument("--log-dir", default="results/logs")
     _gpu_args(p)
@@ -165,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     from .devices import NoGpuError, PlanError
     from .envs import EnvError
     from .models import ModelError
+    from .pipeline import PipelineError
     try:
         return args.fn(args)
-    except (PlanError, NoGpuError, EnvError, ModelError) as e:
+    except (PlanError, NoGpuError, EnvError, ModelError, PipelineError) as e:
         print(f"splitrl {args.cmd}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

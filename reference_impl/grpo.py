@@ -160,6 +160,7 @@ def grpo_loss(
     cfg: GRPOConfig,
     ref_logps: Tensor | None = None,
     num_items_in_batch: Tensor | float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped-surrogate GRPO loss, token-level importance sampling (TRL 1.16 ``_compute_loss``).
 
@@ -172,6 +173,9 @@ def grpo_loss(
     batch so each micro-batch loss is already normalised (TRL does not divide dapo by the
     accumulation steps). For grpo/dr_grpo, divide the result by the accumulation steps yourself.
 
+    ``token_weights`` ([B, T], no gradient; None = TRL) multiply each token's surrogate: the truncated importance
+    weights of the decoupled off-policy objective (reference_impl.offpolicy), not part of TRL.
+
     Metrics (python floats): ``clip_ratio`` (TRL ``clip_ratio/region_mean``), ``clip_ratio_low``,
     ``clip_ratio_high``, ``ratio_mean``, ``ratio_max`` (masked), ``tokens``, ``kl`` (if beta>0).
     """
@@ -181,6 +185,8 @@ def grpo_loss(
     ratio = torch.exp(logps - old_logps)
     clipped = torch.clamp(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
     per_token_loss = -torch.min(ratio * adv, clipped * adv)
+    if token_weights is not None:
+        per_token_loss = per_token_loss * token_weights.detach()
     if cfg.beta > 0:
         diff = ref_logps - logps
         per_token_kl = torch.exp(diff) - diff - 1
@@ -206,6 +212,30 @@ def grpo_loss(
         if cfg.beta > 0:
             metrics["kl"] = float((per_token_kl * mask).sum() / denom)
     return loss, metrics
+
+
+def decoupled_offpolicy(logps: Tensor, sampler_logps: Tensor, mask: Tensor, cap: float
+                        ) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """Inputs of the decoupled off-policy objective (Hilton et al. 2021, as AReaL's async PPO), not TRL.
+
+    With sampler (behaviour) policy mu and the trainer's pre-step policy pi_prox (= ``logps.detach()``):
+    ``old_logps = log pi_prox`` (the clip is around the trainer's own policy, so at the step's start the ratio
+    is exactly 1 and nothing is clipped), and each token is weighted by the truncated importance weight
+    ``min(pi_prox / mu, cap)`` (no gradient). The gradient at the step's start is then
+    ``-w * A * grad log pi`` aggregated as the loss type says. Plain ratio-vs-sampler clipping instead zeroes
+    every token whose stale sampler already moved past 1 +- eps, which with a large learning rate is most of the
+    useful ones (measured: suite/unit/test_pipeline.py docstring).
+    Returns (old_logps, token_weights, metrics: tis_weight_mean, tis_truncated_frac)."""
+    if cap <= 0:
+        raise ValueError(f"truncated importance weight cap must be > 0, got {cap}")
+    prox = logps.detach()
+    raw = torch.exp(prox - sampler_logps)
+    weights = raw.clamp(max=cap) * mask
+    with torch.no_grad():
+        denom = mask.sum().clamp(min=1.0)
+        metrics = {"tis_weight_mean": float(weights.sum() / denom),
+                   "tis_truncated_frac": float(((raw > cap).to(mask.dtype) * mask).sum() / denom)}
+    return prox, weights, metrics
 
 
 def sequence_logprobs_from_logits(

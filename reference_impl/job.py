@@ -4,6 +4,7 @@
     splitrl run --model tiny --steps 30 --no-sync             # the control: rollouts stay on policy-v0
     splitrl run --model tiny --steps 30 --strategy restart    # 1 GPU fallback
     splitrl run --model tiny --steps 5 --engine hf --trainer peft   # no GPU: HF engine, PEFT trainer
+    splitrl run --model tiny --steps 30 --pipeline            # split: rollouts of step n+1 overlap training n
 
 No process is left behind on success, error, SIGTERM or Ctrl-C: the server is stopped by its own pid group.
 """
@@ -20,6 +21,9 @@ from .ddp import DDP_ENV, DistContext, torchrun_argv
 from .loop import LoopConfig, follow_loop, print_step, run_loop, step_rows
 from .models import resolve_model
 from .server import ALL_LINEAR, LoraPoolConfig, SGLangServer, ServerConfig
+
+
+DEFAULT_PIPELINE_TIS_CAP = 2.0
 
 
 @dataclass
@@ -41,6 +45,17 @@ class RunConfig:
     cuda_graphs: bool = False
     results: Path = Path("results/run.csv")
     log_dir: Path = Path("results/logs")
+    pipeline: bool = False            # overlap rollouts with training (reference_impl.pipeline)
+    max_staleness: int = 1            # pipelined: a batch is sampled by a version at most this many steps old
+    # Decoupled off-policy objective with this importance-weight cap (grpo.decoupled_offpolicy). None: 2.0 when
+    # pipelined (plain clipping against a one-step-stale sampler stalled learning at lr 2e-2 on the toy task:
+    # suite/unit/test_pipeline.py), off when sequential; 0: off.
+    tis_cap: float | None = None
+
+    def effective_tis_cap(self) -> float | None:
+        if self.tis_cap is None:
+            return DEFAULT_PIPELINE_TIS_CAP if self.pipeline else None
+        return self.tis_cap or None
 
 
 def resolve_strategy(requested: str, plan: SplitPlan | None) -> str:
@@ -168,10 +183,19 @@ def run_job(cfg: RunConfig) -> list:
     writer = ResultsWriter(cfg.results, fingerprint=collect_fingerprint(cfg.sglang_python, gpus=gpus or None))
     base = {"suite": "run", "test": f"grpo_{strategy_name}", "backend": cfg.engine,
             "mode": plan.mode if plan else "cpu", "strategy": strategy_name, "model": model.name,
+            **({"test": f"grpo_{strategy_name}_pipelined"} if cfg.pipeline else {}),
             "params": {"group_size": cfg.loop.group_size, "prompts": cfg.loop.prompts_per_step,
                        "max_new_tokens": cfg.loop.max_new_tokens, "lr": cfg.lr, "rank": cfg.rank,
                        "trainer": trainer_backend, "sync": strategy_name != "none",
-                       "training_ranks": dist.world if dist else 1}}
+                       "training_ranks": dist.world if dist else 1,
+                       **({"max_staleness": cfg.max_staleness} if cfg.pipeline else {}),
+                       **({"tis_cap": cfg.effective_tis_cap()} if cfg.effective_tis_cap() else {})}}
+    if cfg.pipeline:  # refuse before any server starts
+        from .pipeline import NOT_PIPELINABLE, PipelineError
+        if strategy_name in NOT_PIPELINABLE:
+            raise PipelineError(f"--pipeline needs the server serving while the trainer trains; strategy "
+                                f"{strategy_name!r} (plan mode {plan.mode if plan else 'cpu'}) stops it: use a "
+                                "split (2+ GPUs, hot reload) or --engine hf")
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     server = trainer = strategy = None
     try:
@@ -191,6 +215,10 @@ def run_job(cfg: RunConfig) -> list:
             show(rec)
             writer.append(step_rows(rec, base))
 
+        if cfg.pipeline:
+            from .pipeline import PipelineConfig, run_pipelined
+            return run_pipelined(cfg.loop, trainer, engine, strategy, task,
+                                 PipelineConfig(max_staleness=cfg.max_staleness), on_step=on_step, dist=dist)
         return run_loop(cfg.loop, trainer, engine, strategy, task, on_step=on_step, dist=dist)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -208,7 +236,7 @@ def _trainer_config(cfg: RunConfig, model, backend: str, device: str):
     from .trainer import LoraSpec, TrainerConfig
 
     return TrainerConfig(model_path=str(model.path), backend=backend, lora=LoraSpec(rank=cfg.rank, alpha=cfg.alpha),
-                         lr=cfg.lr, seed=cfg.seed, device=device,
+                         lr=cfg.lr, seed=cfg.seed, device=device, tis_cap=cfg.effective_tis_cap(),
                          dtype="bfloat16" if device.startswith("cuda") else "float32")
 
 

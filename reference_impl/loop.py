@@ -46,6 +46,12 @@ class StepRecord:
     ratio_mean: float
     equal_reward_groups: int
     extra: dict = field(default_factory=dict)
+    # Pipelined runs only (reference_impl.pipeline): the trainer's idle wait for this batch, and how many
+    # versions the batch's samples lag the trainer (step - sampled version; 0 in the sequential loop).
+    pipelined: bool = False
+    wait_s: float = 0.0
+    staleness_max: int = 0
+    staleness_mean: float = 0.0
 
 
 def rollout(engine, strategy, task, cfg: LoopConfig, step: int) -> list[Rollout]:
@@ -63,8 +69,9 @@ def rollout(engine, strategy, task, cfg: LoopConfig, step: int) -> list[Rollout]
     check = getattr(strategy, "check_result", None)
     for result in results if check else ():
         check(result)
-    return [Rollout(p, r.output_ids, r.output_logprobs, task.reward(p, r.output_ids), r.cached_tokens, adapter)
-            for p, r in zip(batch, results)]
+    version = getattr(strategy, "current_version", None)
+    return [Rollout(p, r.output_ids, r.output_logprobs, task.reward(p, r.output_ids), r.cached_tokens, adapter,
+                    version) for p, r in zip(batch, results)]
 
 
 def run_loop(cfg: LoopConfig, trainer, engine, strategy, task,
@@ -111,15 +118,19 @@ def print_step(total: int, out=sys.stdout) -> Callable[[StepRecord], None]:
     def show(rec: StepRecord) -> None:
         done = rec.step + 1
         bar = "#" * (20 * done // total) + "." * (20 - 20 * done // total)
+        pipe = (f" wait {rec.wait_s:.2f}s stale max {rec.staleness_max} mean {rec.staleness_mean:.2f}"
+                if rec.pipelined else "")
         print(f"[{bar}] {done}/{total} {rec.adapter:>12} reward {rec.reward:.3f} rollout {rec.rollout_s:.2f}s "
-              f"train {rec.train_s:.2f}s sync {rec.sync_ms:.0f}ms tokens {rec.output_tokens} "
-              f"cached {rec.cached_tokens} equal-groups {rec.equal_reward_groups}", file=out, flush=True)
+              f"train {rec.train_s:.2f}s sync {rec.sync_ms:.0f}ms step {rec.step_s:.2f}s tokens {rec.output_tokens} "
+              f"cached {rec.cached_tokens} equal-groups {rec.equal_reward_groups}{pipe}", file=out, flush=True)
     return show
 
 
 STEP_METRICS = {"reward": "reward", "rollout_s": "rollout_s", "train_s": "train_s", "sync_ms": "sync_ms",
                 "step_s": "step_s", "output_tokens": "output_tokens", "cached_tokens": "cached_tokens",
                 "loss": "loss", "equal_reward_groups": "equal_reward_groups_count"}
+PIPELINE_METRICS = {"wait_s": "train_wait_s", "staleness_max": "staleness_max_steps",
+                    "staleness_mean": "staleness_mean_steps"}
 EXTRA_METRICS = {"restart_s": "restart_s", "start_s": "server_start_s", "release_s": "release_s",
                  "resume_s": "resume_s", "released_mib": "released_mib", "stop_s": "server_stop_s"}
 
@@ -133,6 +144,8 @@ def step_rows(rec: StepRecord, base: dict) -> list:
     values = asdict(rec)
     rows = [ResultRow(metric=metric, value=float(values[key]), params=params, **base)
             for key, metric in STEP_METRICS.items()]
+    rows += [ResultRow(metric=metric, value=float(values[key]), params=params, **base)
+             for key, metric in PIPELINE_METRICS.items() if rec.pipelined]
     rows += [ResultRow(metric=metric, value=float(rec.extra[key]), params=params, **base)
              for key, metric in EXTRA_METRICS.items() if rec.extra.get(key) is not None]
     return rows

@@ -105,18 +105,23 @@ class NvmlSampler:
     def _run(self, handles) -> None:
         while True:
             try:
-                used = {i: self._lib.nvmlDeviceGetMemoryInfo(h).used / MIB
-                        for i, h in zip(self.indices, handles)}
+                values = {i: self._read(h) for i, h in zip(self.indices, handles)}
             except Exception as err:
                 self.error = f"NVML sampling failed: {err}"
                 return
             with self._lock:
-                self._last = used
-                for i, mib in used.items():
-                    self._peak[i] = max(mib, self._peak.get(i, 0.0))
+                self._store(values)
                 self.samples += 1
             if self._stop.wait(self.interval_s):
                 return
+
+    def _read(self, handle) -> float:
+        return self._lib.nvmlDeviceGetMemoryInfo(handle).used / MIB
+
+    def _store(self, used: dict[int, float]) -> None:
+        self._last = used
+        for i, mib in used.items():
+            self._peak[i] = max(mib, self._peak.get(i, 0.0))
 
     def stop(self) -> None:
         self._stop.set()
@@ -146,6 +151,35 @@ class NvmlSampler:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class UtilizationSampler(NvmlSampler):
+    """Polls nvmlDeviceGetUtilizationRates(h).gpu (% of the last sample period in which a kernel ran) per GPU.
+
+    busy_fraction(): mean utilisation / 100 per GPU, the share of time the GPU was executing something over
+    the run; active_fraction(): the share of samples with utilisation > 0 (idle gaps, e.g. an inference GPU
+    waiting for the trainer). NVML's own period is 1/6 s to 1 s depending on the product, so short gaps blur:
+    compare variants sampled the same way, not absolute numbers."""
+
+    def __init__(self, indices, interval_s: float = 0.1, nvml=None, join_timeout_s: float = 2.0):
+        super().__init__(indices, interval_s, nvml, join_timeout_s)
+        self._util: dict[int, list[float]] = {i: [] for i in self.indices}
+
+    def _read(self, handle) -> float:
+        return float(self._lib.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+    def _store(self, util: dict[int, float]) -> None:
+        self._last = util
+        for i, pct in util.items():
+            self._util[i].append(pct)
+
+    def busy_fraction(self) -> dict[int, float]:
+        with self._lock:
+            return {i: sum(v) / len(v) / 100.0 for i, v in self._util.items() if v}
+
+    def active_fraction(self) -> dict[int, float]:
+        with self._lock:
+            return {i: sum(x > 0 for x in v) / len(v) for i, v in self._util.items() if v}
 
 
 # ---------------------------------------------------------------- roofline / MBU

@@ -27,6 +27,7 @@ from reference_impl.fingerprint import FINGERPRINT_KEYS, collect_fingerprint
 UNIT_SUFFIXES: tuple[str, ...] = (
     "_tok_s", "_ms", "_s", "_mib", "_gb", "_ratio", "_pct", "_count", "_tokens", "_mbu",
     "_tokens_per_step",  # crossover_tokens_per_step (reference_impl/crossover.py)
+    "_steps",  # policy versions a sample lags the trainer (pipelined runs)
 )
 # Dimensionless metrics that are recognisable by name alone.
 BARE_METRICS: tuple[str, ...] = ("reward", "loss", "mbu", "passed")

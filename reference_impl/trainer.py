@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .grpo import GRPOConfig, group_advantages, grpo_loss, sequence_logprobs_from_logits
+from .grpo import GRPOConfig, decoupled_offpolicy, group_advantages, grpo_loss, sequence_logprobs_from_logits
 from .server import ALL_LINEAR
 
 
@@ -52,6 +52,10 @@ class TrainerConfig:
     max_seq_len: int = 2048
     seed: int = 0
     adapter_root: str | None = None  # None: a tmpfs dir when /dev/shm exists
+    # Off-policy correction (pipelined runs sample with a lagging version). None: TRL's ratio against the
+    # sampler's logprobs, clipped. A number C: the decoupled objective (grpo.decoupled_offpolicy), the clip
+    # around the trainer's own pre-step policy and each token weighted by min(pi_trainer / pi_sampler, C).
+    tis_cap: float | None = None
 
 
 @dataclass
@@ -63,6 +67,7 @@ class Rollout:
     reward: float = 0.0
     cached_tokens: int = 0
     adapter: str | None = None
+    version: int | None = None  # the policy version that sampled it (pipelined runs: may lag the trainer)
 
 
 def default_adapter_root() -> Path:
@@ -131,8 +136,13 @@ class LoraTrainer:
         self.model.train()
         logps, mask = self.completion_logprobs(rollouts, grad=True)
         old = _pad_float([r.sampler_logprobs for r in rollouts], logps.shape[1], self.device)
+        weights = None
+        if self.cfg.tis_cap is not None:
+            old, weights, tis = decoupled_offpolicy(logps.float(), old, mask.float(), self.cfg.tis_cap)
         loss, metrics = grpo_loss(logps.float(), old, adv.to(self.device), mask.float(), self.cfg.grpo,
-                                  num_items_in_batch=batch_tokens)
+                                  num_items_in_batch=batch_tokens, token_weights=weights)
+        if weights is not None:
+            metrics.update(tis)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         loss_value = float(loss.detach())

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from reference_impl.bench import vram_rows
-from reference_impl.metrics import NvmlSampler
+from reference_impl.bench import busy_rows, vram_rows
+from reference_impl.metrics import NvmlSampler, UtilizationSampler
 
 
 class ServerSlot:
@@ -72,6 +72,23 @@ def watch_vram(indices, writer, base: dict, params: dict, info: dict, interval_s
     info.update({f"peak_vram_mib[gpu{i}]": v for i, v in peaks.items()})
     if peaks:
         writer.append(vram_rows(base, peaks, params))
+
+
+@contextmanager
+def watch_busy(indices, writer, base: dict, params: dict, info: dict, interval_s: float = 0.05):
+    """NVML utilisation of the physical GPUs `indices` over the block: gpu_busy_ratio / gpu_active_ratio rows per
+    GPU (bench.busy_rows) and the fractions in `info`. NVML trouble is recorded, never raised."""
+    sampler = UtilizationSampler(sorted(set(indices)), interval_s=interval_s).start()
+    try:
+        yield sampler
+    finally:
+        sampler.stop()
+    if sampler.error:
+        info["nvml_util_error"] = sampler.error
+    busy, active = sampler.busy_fraction(), sampler.active_fraction()
+    info.update({f"gpu_busy_ratio[gpu{i}]": v for i, v in busy.items()})
+    if busy:
+        writer.append(busy_rows(base, busy, active, params))
 
 
 def trainer_backend() -> str:

@@ -6,12 +6,17 @@ Environment (defaults in brackets):
   SPLITRL_BENCH_STEP_PROMPTS  [4]     prompts per step     SPLITRL_BENCH_STEP_GROUP [8]  group size
   SPLITRL_BENCH_STEP_GEN_LEN  [64]    max new tokens (ignore_eos; TRL: min_new_tokens = max)
 
-Variants: split (inference GPU(s) + training GPU, hot reload), single-GPU restart and single-GPU
+Variants: split (inference GPU(s) + training GPU, hot reload), split_pipelined (the same split with rollouts of
+step n+1 overlapping training of step n: reference_impl.pipeline, max staleness 1, decoupled off-policy
+objective as `splitrl run --pipeline`), single-GPU restart and single-GPU
 release/resume (server and trainer on the first training GPU, which is the only GPU on a 1-GPU machine), and
 TRL GRPOTrainer with HF generate on the training GPU. Rows: per step (reference_impl.loop.step_rows, params
 step=k) and summaries: step_s/rollout_s/train_s/sync_ms with stat=median_after_first (step 0 carries the
 first-use compile: the warm-up), and step_s with stat=wall_per_step (whole run wall / steps; TRL's
 train_runtime / steps). The loop runs once (pedantic rounds=1, no warm-up round: step 0 is the warm-up).
+Each variant also gets gpu_busy_ratio / gpu_active_ratio per GPU (params gpu=i: NVML utilisation sampled over
+the run, metrics.UtilizationSampler), and at the module's end the step_time_ratios fixture writes step_time_ratio rows
+(split_pipelined/split, split_pipelined/trl_peer, split/trl_peer; wall per step) from the variants that ran.
 """
 from __future__ import annotations
 
@@ -21,11 +26,12 @@ import time
 
 import pytest
 
-from reference_impl.bench import env_int, row_base, scalar_rows, stat_values
+from reference_impl.bench import (busy_rows, env_int, row_base, scalar_rows, stat_values,
+                                  step_time_ratio_rows)
 from reference_impl.loop import LoopConfig, run_loop, step_rows
 from reference_impl.server import ALL_LINEAR, LoraPoolConfig, SGLangServer
 
-from .conftest import free_cuda_cache, model_with_weights, trainer_backend, watch_vram
+from .conftest import free_cuda_cache, model_with_weights, trainer_backend, watch_busy, watch_vram
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark]
 
@@ -36,6 +42,7 @@ LOOP = LoopConfig(steps=env_int("SPLITRL_BENCH_STEPS", 5), prompts_per_step=env_
 RANK, ALPHA, LR = 16, 32, 2e-2
 POOL = LoraPoolConfig(max_rank=RANK, target_modules=ALL_LINEAR, max_loras_per_batch=4, max_loaded_loras=8)
 OWN_MEM_FRACTION = 0.3  # leaves room for the trainer (single GPU) or the session lora_server (split)
+WALL_PER_STEP_S: dict[str, float] = {}  # variant -> wall per step, for the step_time_ratio rows at the end
 SUMMARY = ("rollout_s", "train_s", "sync_ms", "step_s", "restart_s", "release_s", "resume_s", "released_mib")
 
 
@@ -44,33 +51,55 @@ def step_model():
     return model_with_weights(STEP_MODEL)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def step_time_ratios(results_writer):
+    """After the module's variants: step_time_ratio rows from the wall per step of those that ran. A fixture,
+    not a test, so `--benchmark-only` (which skips tests without the benchmark fixture) still writes them. Set up
+    only when a GPU test of this module runs (the gpu skip comes first)."""
+    WALL_PER_STEP_S.clear()
+    yield
+    rows = step_time_ratio_rows(row_base("step_summary", os.path.basename(STEP_MODEL), mode="summary",
+                                         strategy="ratio"), WALL_PER_STEP_S, _params())
+    if rows:
+        results_writer.append(rows)
+    for r in rows:
+        print(f"\nstep_time_ratio {r.params['numerator']}/{r.params['denominator']} = {r.value:.3f}")
+
+
 def _params() -> dict:
     return {"steps": LOOP.steps, "prompts": LOOP.prompts_per_step, "group_size": LOOP.group_size,
             "max_new_tokens": LOOP.max_new_tokens, "rank": RANK, "lr": LR}
 
 
-def _run_variant(benchmark, results_writer, model, engine, strategy, name: str, mode: str, gpus: list[int]):
-    """run_loop once under pedantic; per-step rows and summaries; trainer memory handed back after."""
+def _run_variant(benchmark, results_writer, model, engine, strategy, name: str, mode: str, gpus: list[int],
+                 pipelined: bool = False):
+    """run_loop (or run_pipelined) once under pedantic; per-step rows and summaries; trainer memory handed back."""
+    from reference_impl.job import DEFAULT_PIPELINE_TIS_CAP
+    from reference_impl.pipeline import PipelineConfig, run_pipelined
     from reference_impl.tasks import WordStartTask
     from reference_impl.trainer import LoraSpec, LoraTrainer, TrainerConfig
 
     backend = trainer_backend()
     benchmark.group = "grpo-step"
     base = row_base(f"step_{name}", model.name, mode=mode, strategy=strategy.name)
-    params = {**_params(), "trainer": backend}
+    params = {**_params(), "trainer": backend, **({"max_staleness": 1} if pipelined else {})}
     trainer = LoraTrainer(TrainerConfig(model_path=str(model.path), backend=backend,
                                         lora=LoraSpec(rank=RANK, alpha=ALPHA), lr=LR, device="cuda",
-                                        dtype="bfloat16"))
+                                        dtype="bfloat16", tis_cap=DEFAULT_PIPELINE_TIS_CAP if pipelined else None))
     task = WordStartTask(str(model.path))
     out: dict = {}
 
     def once():
         t0 = time.perf_counter()
-        out["records"] = run_loop(LOOP, trainer, engine, strategy, task)
+        if pipelined:
+            out["records"] = run_pipelined(LOOP, trainer, engine, strategy, task, PipelineConfig(max_staleness=1))
+        else:
+            out["records"] = run_loop(LOOP, trainer, engine, strategy, task)
         out["wall_s"] = time.perf_counter() - t0
 
     try:
-        with watch_vram(gpus, results_writer, base, params, benchmark.extra_info):
+        with watch_vram(gpus, results_writer, base, params, benchmark.extra_info), \
+                watch_busy(gpus, results_writer, base, params, benchmark.extra_info):
             benchmark.pedantic(once, rounds=1, iterations=1, warmup_rounds=0)
     finally:
         trainer.close()
@@ -79,14 +108,17 @@ def _run_variant(benchmark, results_writer, model, engine, strategy, name: str, 
     records = out["records"]
     rows = [row for rec in records for row in step_rows(rec, {**base, "params": params})]
     later = records[1:] or records
-    series = {k: [getattr(r, k) for r in later] if k in ("rollout_s", "train_s", "sync_ms", "step_s")
-              else [r.extra[k] for r in later if r.extra.get(k) is not None] for k in SUMMARY}
+    series = {k: [getattr(r, k) for r in later] if k in ("rollout_s", "train_s", "sync_ms", "step_s", "wait_s")
+              else [r.extra[k] for r in later if r.extra.get(k) is not None]
+              for k in SUMMARY + (("wait_s",) if pipelined else ())}
     summary = stat_values(series)
     rows += scalar_rows(base, summary, {**params, "stat": "median_after_first"})
     rows += scalar_rows(base, {"step_s": out["wall_s"] / LOOP.steps}, {**params, "stat": "wall_per_step"})
     results_writer.append(rows)
+    WALL_PER_STEP_S[name] = out["wall_s"] / LOOP.steps
     benchmark.extra_info.update(summary, wall_per_step_s=out["wall_s"] / LOOP.steps,
-                                rewards=[r.reward for r in records], trainer=backend)
+                                rewards=[r.reward for r in records], trainer=backend,
+                                staleness=[r.staleness_max for r in records])
     assert len(records) == LOOP.steps
 
 
@@ -113,7 +145,9 @@ def test_step_trl_peer(benchmark, bench_plan, step_model, results_writer, tmp_pa
                              max_new_tokens=LOOP.max_new_tokens, rank=RANK, alpha=ALPHA, lr=LR, device="cuda")
     out: dict = {}
     try:
-        with watch_vram([bench_plan.training[0].index], results_writer, base, params, benchmark.extra_info):
+        gpus = [bench_plan.training[0].index]
+        with watch_vram(gpus, results_writer, base, params, benchmark.extra_info), \
+                watch_busy(gpus, results_writer, base, params, benchmark.extra_info):
             benchmark.pedantic(lambda: out.update(run=run_trl(trainer)), rounds=1, iterations=1, warmup_rounds=0)
     finally:
         del trainer
@@ -126,6 +160,7 @@ def test_step_trl_peer(benchmark, bench_plan, step_model, results_writer, tmp_pa
              for r in scalar_rows(base, {"step_s": v, "reward": run.rewards[k] if k < len(run.rewards) else None},
                                   {**params, "step": k})]
     results_writer.append(rows)
+    WALL_PER_STEP_S["trl_peer"] = run.wall_per_step_s
     benchmark.extra_info.update(step_times_s=run.step_times_s, wall_per_step_s=run.wall_per_step_s,
                                 rewards=run.rewards, completion_mean_len=run.completion_mean_len)
     assert run.steps == LOOP.steps
@@ -142,6 +177,24 @@ def test_step_split_hot_reload(benchmark, server_slot, bench_plan, step_model, r
     gpus = [g.index for g in bench_plan.inference + bench_plan.training]
     try:
         _run_variant(benchmark, results_writer, step_model, srv.client, strategy, "split", "split", gpus)
+    finally:
+        if strategy.current:
+            srv.client.unload_lora_adapter(strategy.current)
+
+
+@pytest.mark.gpus(2)
+def test_step_split_pipelined(benchmark, server_slot, bench_plan, step_model, results_writer):
+    """The split of test_step_split_hot_reload (same server config: the slot reuses it), pipelined."""
+    from reference_impl.sync import HotReload
+
+    if bench_plan.mode != "split":
+        pytest.skip(f"GPU plan is {bench_plan.mode!r}, not split: pass --inference-gpus/--training-gpus apart")
+    srv = server_slot.get(model_path=str(step_model.path), lora=POOL, mem_fraction_static=OWN_MEM_FRACTION)
+    strategy = HotReload(srv.client)
+    gpus = [g.index for g in bench_plan.inference + bench_plan.training]
+    try:
+        _run_variant(benchmark, results_writer, step_model, srv.client, strategy, "split_pipelined", "split", gpus,
+                     pipelined=True)
     finally:
         if strategy.current:
             srv.client.unload_lora_adapter(strategy.current)

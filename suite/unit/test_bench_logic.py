@@ -239,3 +239,25 @@ def test_scalar_rows_drop_unmeasured_values():
     rows = bench.scalar_rows(bench.row_base("sync", "tiny"), {"sync_ms": 3.0, "released_mib": None}, {"rank": 8})
     assert [(r.metric, r.value, r.params) for r in rows] == [("sync_ms", 3.0, {"rank": 8})]
     assert bench.stat_values({"a_s": [3.0, 1.0, 2.0], "b_s": []}) == {"a_s": 2.0}
+
+
+def test_step_time_ratio_rows_cover_the_pairs_that_ran():
+    base = bench.row_base("step_summary", "tiny", mode="split")
+    rows = bench.step_time_ratio_rows(base, {"split": 2.0, "split_pipelined": 1.5, "trl_peer": 6.0}, {"steps": 5})
+    got = {(r.params["numerator"], r.params["denominator"]): r.value for r in rows}
+    assert got == {("split_pipelined", "split"): 0.75, ("split_pipelined", "trl_peer"): 0.25,
+                   ("split", "trl_peer"): pytest.approx(1 / 3)}
+    assert {r.metric for r in rows} == {"step_time_ratio"} and all(r.params["steps"] == 5 for r in rows)
+    only = bench.step_time_ratio_rows(base, {"split": 2.0, "split_pipelined": 1.0}, {})
+    assert [(r.params["numerator"], r.value) for r in only] == [("split_pipelined", 0.5)]
+
+
+def test_busy_rows_per_gpu(tmp_path):
+    base = bench.row_base("step_split", "tiny", mode="split")
+    rows = bench.busy_rows(base, {1: 0.4, 0: 0.9}, {0: 1.0, 1: 0.5}, {"steps": 5})
+    assert [(r.metric, r.params["gpu"], r.value) for r in rows] == [
+        ("gpu_busy_ratio", 0, 0.9), ("gpu_busy_ratio", 1, 0.4), ("gpu_active_ratio", 0, 1.0),
+        ("gpu_active_ratio", 1, 0.5)]
+    writer = ResultsWriter(tmp_path / "r.csv", fingerprint={})
+    writer.append(rows)  # the metric names pass the results schema
+    assert len(read_results(tmp_path / "r.csv")) == 4

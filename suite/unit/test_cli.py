@@ -228,3 +228,28 @@ def test_run_with_the_hf_engine_writes_results_rows(tmp_path):
     leftovers = [p for p in tmp_path.iterdir() if p.name not in ("out", "logs")]
     assert not leftovers, f"run left files in its working directory: {leftovers}"
     shutil.rmtree(tmp_path / "out")
+
+
+def test_run_pipelined_with_the_hf_engine_records_staleness(tmp_path):
+    results = tmp_path / "out" / "run.csv"
+    proc = splitrl("run", "--engine", "hf", "--trainer", "peft", "--steps", "3", "--prompts", "2", "--group-size", "4",
+                   "--max-new-tokens", "4", "--pipeline", "--max-staleness", "1", "--results", results,
+                   "--log-dir", tmp_path / "logs", cwd=tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3/3" in proc.stdout and " stale max " in proc.stdout, proc.stdout
+    df = read_results(results)
+    assert set(df["test"]) == {"grpo_hot-reload_pipelined"}
+    by = lambda m: df[df["metric"] == m]["value"].tolist()  # noqa: E731
+    assert by("staleness_max_steps")[0] == 0 and all(0 <= v <= 1 for v in by("staleness_max_steps"))
+    assert len(by("train_wait_s")) == 3 and all(v >= 0 for v in by("train_wait_s"))
+    params = df[df["metric"] == "reward"]["params"].tolist()
+    assert '"max_staleness":1' in params[0] and '"tis_cap":2.0' in params[0]
+
+
+def test_run_pipelined_refuses_a_strategy_that_stops_the_server(tmp_path):
+    proc = splitrl("run", "--engine", "hf", "--strategy", "restart", "--steps", "1", "--pipeline",
+                   "--results", tmp_path / "r.csv", cwd=tmp_path)
+    assert proc.returncode == 2
+    line = one_line_error(proc)
+    assert "--pipeline needs the server serving while the trainer trains" in line and "'restart'" in line, line
+    assert not (tmp_path / "r.csv").exists()

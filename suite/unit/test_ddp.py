@@ -89,7 +89,7 @@ def test_two_ranks_take_the_single_process_step(tiny_path, tmp_path, loss_type):
             torch.testing.assert_close(got["grads"][k], want[k], rtol=1e-3, atol=1e-5 * scale)
 
 
-def _loop_rank(rank, world, port, model_path, out_dir):
+def _loop_rank(rank, world, port, model_path, out_dir, pipelined=False):
     _rank_env(rank, world, port)
     from reference_impl.loop import LoopConfig, follow_loop, run_loop
     dist = DistContext.from_env(backend="gloo")
@@ -101,7 +101,12 @@ def _loop_rank(rank, world, port, model_path, out_dir):
             from reference_impl.sync import HotReload
             from reference_impl.tasks import WordStartTask
             engine = HFEngine(model_path)
-            run_loop(cfg, trainer, engine, HotReload(engine), WordStartTask(model_path), dist=dist)
+            if pipelined:  # the rollout worker lives on rank 0 only; rollouts are broadcast from the main thread
+                from reference_impl.pipeline import run_pipelined
+                recs = run_pipelined(cfg, trainer, engine, HotReload(engine), WordStartTask(model_path), dist=dist)
+                assert [r.staleness_max for r in recs][0] == 0 and max(r.staleness_max for r in recs) <= 1
+            else:
+                run_loop(cfg, trainer, engine, HotReload(engine), WordStartTask(model_path), dist=dist)
         else:
             follow_loop(cfg, trainer, dist)
         torch.save(_lora_state(trainer), f"{out_dir}/loop{rank}.pt")
@@ -109,8 +114,9 @@ def _loop_rank(rank, world, port, model_path, out_dir):
         dist.close()
 
 
-def test_ranks_stay_identical_through_the_loop(tiny_path, tmp_path):
-    torch.multiprocessing.spawn(_loop_rank, args=(2, _free_port(), tiny_path, str(tmp_path)), nprocs=2)
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
+def test_ranks_stay_identical_through_the_loop(tiny_path, tmp_path, pipelined):
+    torch.multiprocessing.spawn(_loop_rank, args=(2, _free_port(), tiny_path, str(tmp_path), pipelined), nprocs=2)
     a, b = torch.load(tmp_path / "loop0.pt"), torch.load(tmp_path / "loop1.pt")
     assert a.keys() == b.keys()
     for k in a:

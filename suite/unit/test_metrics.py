@@ -128,3 +128,34 @@ def test_one_shot_reads_raise_no_gpu_here():
         gpu_processes([0])
     with pytest.raises(NoGpuError, match="NVML unavailable"):
         gpu_memory_used_mib([0])
+
+
+def test_utilization_sampler_reports_busy_and_active_fractions():
+    from reference_impl.metrics import UtilizationSampler
+
+    class FakeNvml:  # per-GPU utilisation series; the last value repeats (the sampler may poll more)
+        NVMLError = RuntimeError
+        series = {0: [100, 50, 0, 50], 1: [0, 0, 20, 0]}
+        calls = {0: 0, 1: 0}
+
+        def nvmlInit(self): pass
+        def nvmlShutdown(self): pass
+        def nvmlDeviceGetHandleByIndex(self, i): return i
+
+        def nvmlDeviceGetUtilizationRates(self, handle):
+            values = self.series[handle]
+            n = self.calls[handle]
+            self.calls[handle] += 1
+            return type("Util", (), {"gpu": values[n] if n < len(values) else 0, "memory": 0})
+
+    sampler = UtilizationSampler([0, 1], interval_s=0.001, nvml=FakeNvml()).start()
+    deadline = time.monotonic() + 2
+    while sampler.samples < 4 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    sampler.stop()  # the sampler may have polled more than 4 times: the expectation counts what ran
+    n = sampler.samples
+    assert sampler.error is None and n >= 4
+    assert sampler.busy_fraction() == {0: pytest.approx(sum([100, 50, 0, 50]) / n / 100),
+                                       1: pytest.approx(20 / n / 100)}
+    assert sampler.active_fraction() == {0: pytest.approx(3 / n), 1: pytest.approx(1 / n)}
+    assert sampler.peak_mib() == {}  # memory is not what this sampler reads
