@@ -79,8 +79,8 @@ case $MODE in
       --benchmark-only -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/bench-sync.log" 2>&1
     echo "sync bench exit $? at ${SECONDS}s"; grep -E "passed|failed|^E  " "$OUT/bench-sync.log" | tail -8 ;;
   final4)  # a 4-GPU machine as two 2-GPU pairs at once (conformance | step benchmark), then two pipelined runs,
-           # then the seed's 1 inference + 3 DDP training layout with what time is left (hard stop at 530 s)
-    END=530
+           # then the seed's 1 inference + 3 DDP training layout with what time is left (hard stop at 500 s)
+    END=500
     CUDA_VISIBLE_DEVICES=0,1 timeout 300 $PY -m pytest -q -rs -p no:cacheprovider --results-dir "$OUT/pair-a" \
       suite/conformance/test_hot_reload.py::test_served_policy_changes_every_step suite/conformance/test_one_gpu.py \
       suite/conformance/test_pipeline.py suite/conformance/test_merged_sync.py > "$OUT/logs/pytest-a.log" 2>&1 &
