@@ -275,8 +275,11 @@ def busy_rows(base: dict, busy: dict[int, float], active: dict[int, float], para
 STEP_RATIO_PAIRS = (("split_pipelined", "split"), ("split_pipelined", "trl_peer"), ("split", "trl_peer"))
 
 
-def step_time_ratio_rows(base: dict, wall_per_step_s: dict[str, float], params: dict) -> list[ResultRow]:
-    """step_time_ratio = wall per step of one variant / another's, for each pair whose two variants ran."""
-    return [ResultRow(metric="step_time_ratio", value=wall_per_step_s[a] / wall_per_step_s[b],
-                      params={**params, "numerator": a, "denominator": b, "stat": "wall_per_step"}, **base)
-            for a, b in STEP_RATIO_PAIRS if a in wall_per_step_s and b in wall_per_step_s and wall_per_step_s[b] > 0]
+def step_time_ratio_rows(base: dict, step_s: dict[str, float], params: dict,
+                         stat: str = "wall_per_step") -> list[ResultRow]:
+    """step_time_ratio = step time of one variant / another's, for each pair whose two variants ran. `stat`
+    names which step time: wall_per_step (whole run / steps: includes whichever variant paid the first-use
+    compile) or median_after_first (steady state: step 0, the warm-up, left out)."""
+    return [ResultRow(metric="step_time_ratio", value=step_s[a] / step_s[b],
+                      params={**params, "numerator": a, "denominator": b, "stat": stat}, **base)
+            for a, b in STEP_RATIO_PAIRS if a in step_s and b in step_s and step_s[b] > 0]

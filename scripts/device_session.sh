@@ -38,21 +38,21 @@ case $MODE in
   split)
     splitrl_run hot-reload --steps 30 --mem-fraction 0.1 & P1=$!
     splitrl_run control --steps 30 --no-sync --mem-fraction 0.1 & P2=$!
-    timeout 420 $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/pytest.log" 2>&1
+    timeout 420 $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider --failures-now --results-dir "$OUT" > "$OUT/pytest.log" 2>&1
     echo "pytest exit $?"; tail -25 "$OUT/pytest.log"
     wait $P1 $P2 ;;
   conformance)  # the whole GPU conformance suite alone (no concurrent jobs), as users run it
-    timeout 540 $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/pytest.log" 2>&1
+    timeout 540 $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider --failures-now --results-dir "$OUT" > "$OUT/pytest.log" 2>&1
     echo "pytest exit $?"; grep -E "^(FAILED|XFAIL|ERROR)|passed|failed" "$OUT/pytest.log" | tail -25 ;;
   split-restart)  # conformance on 2 GPUs; the restart fallback alone on GPU 1 (shared mode: one GPU)
     splitrl_run restart --steps 4 --strategy restart --inference-gpus 1 --training-gpus 1 --mem-fraction 0.15 & P1=$!
-    timeout 480 $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/pytest.log" 2>&1
+    timeout 480 $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider --failures-now --results-dir "$OUT" > "$OUT/pytest.log" 2>&1
     echo "pytest exit $?"; tail -25 "$OUT/pytest.log"
     wait $P1 ;;
   diagnose)  # the two unexplained failures of the 2-GPU conformance run, with their diagnostics, on one GPU
     timeout 120 $PY scripts/diagnose_release.py > "$OUT/diagnose-release.log" 2>&1; echo "diagnose exit $?"
     cat "$OUT/diagnose-release.log" | grep -v Warning | tail -15
-    timeout 300 $PY -m pytest -q -rs -p no:cacheprovider --results-dir "$OUT" \
+    timeout 300 $PY -m pytest -q -rs -p no:cacheprovider --failures-now --results-dir "$OUT" \
       "suite/conformance/test_hot_reload.py::test_served_policy_changes_every_step" \
       "suite/conformance/test_hot_reload.py::test_served_logprobs_equal_hf_peft[unsloth-r16-all]" \
       suite/conformance/test_one_gpu.py > "$OUT/pytest.log" 2>&1
@@ -60,7 +60,7 @@ case $MODE in
   single)  # a restart costs a server start (~45 s): 5 steps of it; release/resume is fast: 30
     splitrl_run restart --steps 5 --strategy restart --mem-fraction 0.1 & P1=$!
     splitrl_run release-resume --steps 30 --strategy release-resume --mem-fraction 0.1 & P2=$!
-    timeout 480 $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/pytest.log" 2>&1
+    timeout 480 $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider --failures-now --results-dir "$OUT" > "$OUT/pytest.log" 2>&1
     echo "pytest exit $?"; tail -25 "$OUT/pytest.log"
     wait $P1 $P2 ;;
   bench-rollout)  # one 10-minute call: the 1.7B shape (base + LoRA) at the batch sizes the README reports
@@ -81,7 +81,7 @@ case $MODE in
   final4)  # a 4-GPU machine as two 2-GPU pairs at once (conformance | step benchmark), then two pipelined runs,
            # then the seed's 1 inference + 3 DDP training layout with what time is left (hard stop at 500 s)
     END=500
-    CUDA_VISIBLE_DEVICES=0,1 timeout 300 $PY -m pytest -q -rs -p no:cacheprovider --results-dir "$OUT/pair-a" \
+    CUDA_VISIBLE_DEVICES=0,1 timeout 300 $PY -m pytest -q -rs -p no:cacheprovider --failures-now --results-dir "$OUT/pair-a" \
       suite/conformance/test_hot_reload.py::test_served_policy_changes_every_step suite/conformance/test_one_gpu.py \
       suite/conformance/test_pipeline.py suite/conformance/test_merged_sync.py > "$OUT/logs/pytest-a.log" 2>&1 &
     PA=$!
@@ -107,7 +107,11 @@ case $MODE in
         --mem-fraction 0.15 --results "$OUT/run-ddp-1+3.csv" --log-dir "$OUT/logs" > "$OUT/logs/run-ddp.log" 2>&1
       echo "ddp 1+3 exit $? at ${SECONDS}s | $(tail -1 "$OUT/logs/run-ddp.log")"
     else echo "ddp 1+3 skipped: ${LEFT}s left"; fi
-    for d in pair-a pair-b; do for f in "$OUT/$d"/*.csv; do [ -f "$f" ] && mv "$f" "$OUT/$d-$(basename "$f")"; done; rm -rf "$OUT/$d"; done ;;
+    for d in pair-a pair-b; do
+      for f in "$OUT/$d"/*.csv; do [ -f "$f" ] && mv "$f" "$OUT/$d-$(basename "$f")"; done
+      [ -d "$OUT/$d/logs" ] && mv "$OUT/$d/logs" "$OUT/logs/$d"  # server logs come back in the tarball
+      rm -rf "$OUT/$d"
+    done ;;
   bench-sync-step)  # hot reload by rank, restart cold/warm, release/resume, GRPO step breakdown + TRL-HF peer
     SPLITRL_BENCH_STEPS=${SPLITRL_BENCH_STEPS:-3} SPLITRL_BENCH_SYNC_ROUNDS=${SPLITRL_BENCH_SYNC_ROUNDS:-5} \
     timeout 540 $PY -m pytest suite/benchmarks/test_bench_sync.py suite/benchmarks/test_bench_step.py \

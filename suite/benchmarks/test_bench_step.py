@@ -42,7 +42,10 @@ LOOP = LoopConfig(steps=env_int("SPLITRL_BENCH_STEPS", 5), prompts_per_step=env_
 RANK, ALPHA, LR = 16, 32, 2e-2
 POOL = LoraPoolConfig(max_rank=RANK, target_modules=ALL_LINEAR, max_loras_per_batch=4, max_loaded_loras=8)
 OWN_MEM_FRACTION = 0.3  # leaves room for the trainer (single GPU) or the session lora_server (split)
-WALL_PER_STEP_S: dict[str, float] = {}  # variant -> wall per step, for the step_time_ratio rows at the end
+# variant -> step time, for the step_time_ratio rows at the end: the whole-run wall per step (the variant that
+# runs first also pays Unsloth's first-use compile, ~15 s on an H200) and the steady state (median after step 0)
+WALL_PER_STEP_S: dict[str, float] = {}
+STEADY_STEP_S: dict[str, float] = {}
 SUMMARY = ("rollout_s", "train_s", "sync_ms", "step_s", "restart_s", "release_s", "resume_s", "released_mib")
 
 
@@ -57,13 +60,16 @@ def step_time_ratios(results_writer):
     not a test, so `--benchmark-only` (which skips tests without the benchmark fixture) still writes them. Set up
     only when a GPU test of this module runs (the gpu skip comes first)."""
     WALL_PER_STEP_S.clear()
+    STEADY_STEP_S.clear()
     yield
-    rows = step_time_ratio_rows(row_base("step_summary", os.path.basename(STEP_MODEL), mode="summary",
-                                         strategy="ratio"), WALL_PER_STEP_S, _params())
+    base = row_base("step_summary", os.path.basename(STEP_MODEL), mode="summary", strategy="ratio")
+    rows = (step_time_ratio_rows(base, WALL_PER_STEP_S, _params())
+            + step_time_ratio_rows(base, STEADY_STEP_S, _params(), stat="median_after_first"))
     if rows:
         results_writer.append(rows)
     for r in rows:
-        print(f"\nstep_time_ratio {r.params['numerator']}/{r.params['denominator']} = {r.value:.3f}")
+        print(f"\nstep_time_ratio {r.params['numerator']}/{r.params['denominator']} ({r.params['stat']}) "
+              f"= {r.value:.3f}")
 
 
 def _params() -> dict:
@@ -116,6 +122,7 @@ def _run_variant(benchmark, results_writer, model, engine, strategy, name: str, 
     rows += scalar_rows(base, {"step_s": out["wall_s"] / LOOP.steps}, {**params, "stat": "wall_per_step"})
     results_writer.append(rows)
     WALL_PER_STEP_S[name] = out["wall_s"] / LOOP.steps
+    STEADY_STEP_S[name] = summary["step_s"]
     benchmark.extra_info.update(summary, wall_per_step_s=out["wall_s"] / LOOP.steps,
                                 rewards=[r.reward for r in records], trainer=backend,
                                 staleness=[r.staleness_max for r in records])
@@ -131,27 +138,25 @@ def _single_gpu_config(server_pool, bench_plan, model, **changes):
 @pytest.mark.gpus(1)
 def test_step_trl_peer(benchmark, bench_plan, step_model, results_writer, tmp_path):
     """TRL GRPOTrainer, HF generate (no vLLM), same model/task/group size/rank/length, on the training GPU.
-    First in this module: importing Unsloth (the other variants' trainer) patches TRL's trainers in place, and
-    the peer must be plain TRL. Whether Unsloth was already imported is recorded in params."""
-    import sys
-
-    from .trl_peer import build_trl_grpo, run_trl
+    In a child process of its own: this process imported Unsloth (the other variants' trainer), which patches
+    TRL's trainers in place, and the peer must be plain TRL. The child reports whether Unsloth was imported
+    there (params unsloth_imported; the test fails if it was)."""
+    from .trl_peer import PeerSettings, run_trl_in_child
 
     benchmark.group = "grpo-step"
     base = row_base("step_trl_peer", step_model.name, mode="single", strategy="in-process", backend="trl-hf")
-    params = {**_params(), "trainer": "trl", "unsloth_imported": "unsloth" in sys.modules}
-    trainer = build_trl_grpo(str(step_model.path), str(tmp_path / "trl"), steps=LOOP.steps,
-                             prompts_per_step=LOOP.prompts_per_step, group_size=LOOP.group_size,
-                             max_new_tokens=LOOP.max_new_tokens, rank=RANK, alpha=ALPHA, lr=LR, device="cuda")
+    settings = PeerSettings(steps=LOOP.steps, prompts_per_step=LOOP.prompts_per_step, group_size=LOOP.group_size,
+                            max_new_tokens=LOOP.max_new_tokens, rank=RANK, alpha=ALPHA, lr=LR, device="cuda")
+    gpu = bench_plan.training[0].index
     out: dict = {}
-    try:
-        gpus = [bench_plan.training[0].index]
-        with watch_vram(gpus, results_writer, base, params, benchmark.extra_info), \
-                watch_busy(gpus, results_writer, base, params, benchmark.extra_info):
-            benchmark.pedantic(lambda: out.update(run=run_trl(trainer)), rounds=1, iterations=1, warmup_rounds=0)
-    finally:
-        del trainer
-        free_cuda_cache()
+    params = {**_params(), "trainer": "trl", "process": "child"}
+    with watch_vram([gpu], results_writer, base, params, benchmark.extra_info), \
+            watch_busy([gpu], results_writer, base, params, benchmark.extra_info):
+        benchmark.pedantic(lambda: out.update(zip(("run", "unsloth"), run_trl_in_child(
+            str(step_model.path), str(tmp_path / "trl"), settings, gpu_index=gpu))), rounds=1, iterations=1,
+            warmup_rounds=0)
+    assert not out["unsloth"], "the TRL peer child imported Unsloth: the baseline would not be plain TRL"
+    params["unsloth_imported"] = False
     run = out["run"]
     later = run.step_times_s[1:] or run.step_times_s
     rows = scalar_rows(base, stat_values({"step_s": later}), {**params, "stat": "median_after_first"})
@@ -161,6 +166,7 @@ def test_step_trl_peer(benchmark, bench_plan, step_model, results_writer, tmp_pa
                                   {**params, "step": k})]
     results_writer.append(rows)
     WALL_PER_STEP_S["trl_peer"] = run.wall_per_step_s
+    STEADY_STEP_S["trl_peer"] = stat_values({"step_s": later})["step_s"]
     benchmark.extra_info.update(step_times_s=run.step_times_s, wall_per_step_s=run.wall_per_step_s,
                                 rewards=run.rewards, completion_mean_len=run.completion_mean_len)
     assert run.steps == LOOP.steps

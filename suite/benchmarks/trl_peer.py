@@ -2,15 +2,27 @@
 (WordStartTask: word-start reward on completion token ids), group size, LoRA rank and completion length as the
 splitrl loop. Used by test_bench_step.py on a GPU and by test_trl_peer_cpu.py (tiny model, CPU, 1 step).
 
+The peer runs in a child process of its own (run_trl_in_child): on a GPU the pytest plugin imports Unsloth
+first, and Unsloth patches TRL's GRPOTrainer in place (its patched generate step calls `model.for_training`,
+which a plain HF model lacks: that broke the in-process peer on nvidia-h200-x4, 2026-11-26). The child imports
+TRL without Unsloth, so the baseline is plain TRL, and it says so (`unsloth_imported` false in its answer).
+
+    python suite/benchmarks/trl_peer.py --model DIR --out DIR --json RESULT.json [--steps 5 --device cuda ...]
+
 TRL 1.16 calls reward functions as f(prompts=..., completions=..., completion_ids=[[ids], ...], **columns);
 the reward reads `completion_ids` directly, so no decode/re-encode round trip changes what is scored.
 Prompts are WordStartTask's random ordinary-token prompts, decoded to text (TRL tokenizes text prompts).
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from reference_impl.server import ALL_LINEAR
@@ -83,3 +95,60 @@ def run_trl(trainer) -> TrlRun:
                   rewards=[float(h["reward"]) for h in logs if "reward" in h],
                   completion_mean_len=[float(h["completions/mean_length"]) for h in logs
                                        if "completions/mean_length" in h])
+
+
+@dataclass
+class PeerSettings:
+    steps: int
+    prompts_per_step: int
+    group_size: int
+    max_new_tokens: int
+    rank: int = 16
+    alpha: int = 32
+    lr: float = 2e-2
+    device: str = "cuda"
+    seed: int = 0
+
+
+def run_trl_in_child(model_path: str, output_dir: str, settings: PeerSettings, gpu_index: int | None = None,
+                     timeout_s: float = 1800.0) -> tuple[TrlRun, bool]:
+    """Build and train the peer in a fresh interpreter (no Unsloth patches); (run, unsloth_imported_in_child).
+    gpu_index: the physical GPU (PCI order) the child sees as cuda:0. Bounded: a hung child is killed."""
+    result = Path(output_dir) / "trl-peer-result.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    if gpu_index is not None:
+        env.update(CUDA_VISIBLE_DEVICES=str(gpu_index), CUDA_DEVICE_ORDER="PCI_BUS_ID")
+    argv = [sys.executable, str(Path(__file__).resolve()), "--model", model_path, "--out", output_dir,
+            "--json", str(result)] + [f"--{k.replace('_', '-')}={v}" for k, v in asdict(settings).items()]
+    try:
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout_s,
+                              start_new_session=True)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"TRL peer did not finish within {timeout_s:.0f} s") from e
+    if proc.returncode != 0 or not result.exists():
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+        raise RuntimeError(f"TRL peer child exited {proc.returncode}:\n{tail}")
+    answer = json.loads(result.read_text())
+    return TrlRun(**answer["run"]), bool(answer["unsloth_imported"])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--json", required=True)
+    for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "rank", "alpha", "seed"):
+        ap.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None)
+    ap.add_argument("--lr", type=float, default=2e-2)
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args(argv)
+    given = {k: getattr(args, k) for k in PeerSettings.__dataclass_fields__ if getattr(args, k) is not None}
+    trainer = build_trl_grpo(args.model, args.out, **asdict(PeerSettings(**given)))
+    run = run_trl(trainer)
+    Path(args.json).write_text(json.dumps({"run": asdict(run), "unsloth_imported": "unsloth" in sys.modules}))
+
+
+if __name__ == "__main__":
+    main()

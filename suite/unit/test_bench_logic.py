@@ -248,8 +248,10 @@ def test_step_time_ratio_rows_cover_the_pairs_that_ran():
     assert got == {("split_pipelined", "split"): 0.75, ("split_pipelined", "trl_peer"): 0.25,
                    ("split", "trl_peer"): pytest.approx(1 / 3)}
     assert {r.metric for r in rows} == {"step_time_ratio"} and all(r.params["steps"] == 5 for r in rows)
-    only = bench.step_time_ratio_rows(base, {"split": 2.0, "split_pipelined": 1.0}, {})
-    assert [(r.params["numerator"], r.value) for r in only] == [("split_pipelined", 0.5)]
+    assert {r.params["stat"] for r in rows} == {"wall_per_step"}
+    only = bench.step_time_ratio_rows(base, {"split": 2.0, "split_pipelined": 1.0}, {}, stat="median_after_first")
+    assert [(r.params["numerator"], r.value, r.params["stat"]) for r in only] == [
+        ("split_pipelined", 0.5, "median_after_first")]
 
 
 def test_busy_rows_per_gpu(tmp_path):
