@@ -1,5 +1,5 @@
-"""The bf16 logprob tolerance (reference_impl.conformance): fixed where logprobs are moderate, growing with
-|logprob| where the policy is sharp, and still failing on a systematic error at any scale."""
+"""The bf16 logprob tolerance (reference_impl.conformance): fixed for a policy near uniform, growing with the
+policy's sharpness (|logprob| beyond ln V), and still failing on a systematic error at any scale."""
 import pytest
 
 from reference_impl import conformance as C
@@ -19,14 +19,24 @@ def test_small_noise_at_moderate_logprobs_passes():
 
 
 def test_a_tenth_of_a_nat_everywhere_at_moderate_logprobs_fails():
-    # mean bound there is 0.05 + 2^-6 * 2.8 ~ 0.094: a uniform 0.12 shift is a wrong adapter, not rounding
+    # below ln V the sharpness is 0: mean bound 0.05, so a uniform 0.12 shift is a wrong adapter, not rounding
     with pytest.raises(C.ConformanceError, match="beyond bf16 tolerance"):
         C.assert_matches(_rows(MODERATE, shift=0.12), MODERATE, "shifted")
 
 
-def test_rounding_sized_error_at_sharp_logprobs_passes():
-    # ~1% of |logprob| (what 2xH200 measured at mean |ref| 27): within 4 bf16 ulps of the value
-    C.assert_matches(_rows(SHARP, scale=1.01), SHARP, "sharp policy")
+def test_random_token_probes_of_an_untrained_model_keep_a_tight_bound():
+    # random tokens under a near-uniform policy score ~ln V (11.9) to 14 nats: sharpness ~1, bounds ~0.08 mean
+    near_uniform = [[-12.5, -13.8, -11.2, -14.1], [-12.9, -13.0, -12.2, -11.7]]
+    C.assert_matches(_rows(near_uniform, shift=0.03), near_uniform, "noise")
+    with pytest.raises(C.ConformanceError):
+        C.assert_matches(_rows(near_uniform, shift=0.12), near_uniform, "shifted")
+
+
+def test_row_shift_of_run_d_size_at_a_sharp_policy_passes():
+    # run d (2xH200), step 2: mean |d| 0.29, max 0.89 at mean |ref| 27.4: a shift shared by each row (bf16
+    # log-normaliser), here 0.3 on one prompt and 0.89 on the other, including its least sharp positions
+    shifted = [[v + 0.3 for v in SHARP[0]], [v - 0.89 for v in SHARP[1]]]
+    C.assert_matches(shifted, SHARP, "sharp policy")
 
 
 def test_systematic_scale_error_at_sharp_logprobs_fails():
