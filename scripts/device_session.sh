@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (offline): install the device kit, then run the GPU work of one session.
 #
+#   bash scripts/device_session.sh all4     # a 4-GPU kind: conformance + every benchmark at once (one call)
 #   bash scripts/device_session.sh conformance  # pytest suite -m gpu alone (2 GPUs: split; 1 GPU: fallback)
 #   bash scripts/device_session.sh split    # 2 GPUs: conformance + run/control
 #   bash scripts/device_session.sh single    # 1 GPU: conformance + restart/release
@@ -10,7 +11,7 @@
 # Needs .gpu-kit/ (bash ../shared/device-kit/build.sh .gpu-kit) carried with the call. Everything lands in $OUT
 # (at most 8 files come back: server logs are packed into one tarball).
 set -u
-MODE=${1:?final4|bench-1gpu|conformance|split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
+MODE=${1:?all4|bench-1gpu|conformance|split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
 OUT=${OUT:-/tmp/splitrl-out}; mkdir -p "$OUT"
 PREFIX=/tmp/splitrl
 bash .gpu-kit/install.sh .gpu-kit "$PREFIX" > "$OUT/install.log" 2>&1 || { tail -40 "$OUT/install.log"; exit 1; }
@@ -78,36 +79,29 @@ case $MODE in
     SPLITRL_BENCH_SYNC_ROUNDS=5 SPLITRL_BENCH_SYNC_SHAPES=qwen3-1.7b timeout $((565 - SECONDS)) $PY -m pytest suite/benchmarks/test_bench_sync.py \
       --benchmark-only -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/bench-sync.log" 2>&1
     echo "sync bench exit $? at ${SECONDS}s"; grep -E "passed|failed|^E  " "$OUT/bench-sync.log" | tail -8 ;;
-  final4)  # a 4-GPU machine as two 2-GPU pairs at once (conformance | step benchmark), then two pipelined runs,
-           # then the seed's 1 inference + 3 DDP training layout with what time is left (hard stop at 500 s)
-    END=500
-    CUDA_VISIBLE_DEVICES=0,1 timeout 300 $PY -m pytest -q -rs -p no:cacheprovider --failures-now --results-dir "$OUT/pair-a" \
-      suite/conformance/test_hot_reload.py::test_served_policy_changes_every_step suite/conformance/test_one_gpu.py \
-      suite/conformance/test_pipeline.py suite/conformance/test_merged_sync.py > "$OUT/logs/pytest-a.log" 2>&1 &
-    PA=$!
-    CUDA_VISIBLE_DEVICES=2,3 SPLITRL_BENCH_STEPS=6 timeout 300 $PY -m pytest suite/benchmarks/test_bench_step.py \
-      -k "split or trl" --benchmark-only -q -rs -p no:cacheprovider --results-dir "$OUT/pair-b" \
-      > "$OUT/logs/bench-step-b.log" 2>&1 &
-    PB=$!
-    wait $PA; echo "pair A conformance exit $? at ${SECONDS}s"; grep -E "^(FAILED|XFAIL|ERROR)|passed|failed" "$OUT/logs/pytest-a.log" | tail -12
-    wait $PB; echo "pair B step bench exit $? at ${SECONDS}s"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/logs/bench-step-b.log" | tail -8
-    LEFT=$((END - SECONDS)); [ $LEFT -gt 200 ] && LEFT=200
-    CUDA_VISIBLE_DEVICES=0,1 timeout $LEFT $PY -m reference_impl.cli run --pipeline --steps 12 --mem-fraction 0.15 \
-      --results "$OUT/run-pipelined-tiny.csv" --log-dir "$OUT/logs" > "$OUT/logs/run-pipelined-tiny.log" 2>&1 &
-    P1=$!
-    CUDA_VISIBLE_DEVICES=2,3 timeout $LEFT $PY -m reference_impl.cli run --pipeline --steps 4 --model qwen3-1.7b \
-      --mem-fraction 0.3 --results "$OUT/run-pipelined-1.7b.csv" --log-dir "$OUT/logs" \
-      > "$OUT/logs/run-pipelined-1.7b.log" 2>&1 &
-    P2=$!
-    wait $P1; echo "pipelined tiny exit $? | $(tail -1 "$OUT/logs/run-pipelined-tiny.log")"
-    wait $P2; echo "pipelined 1.7b exit $? | $(tail -1 "$OUT/logs/run-pipelined-1.7b.log")"
-    LEFT=$((END - SECONDS))
-    if [ $LEFT -gt 90 ]; then
-      timeout $LEFT $PY -m reference_impl.cli run --steps 6 --inference-gpus 0 --training-gpus 1,2,3 \
-        --mem-fraction 0.15 --results "$OUT/run-ddp-1+3.csv" --log-dir "$OUT/logs" > "$OUT/logs/run-ddp.log" 2>&1
-      echo "ddp 1+3 exit $? at ${SECONDS}s | $(tail -1 "$OUT/logs/run-ddp.log")"
-    else echo "ddp 1+3 skipped: ${LEFT}s left"; fi
-    for d in pair-a pair-b; do
+  all4)  # one call on a 4-GPU kind, every GPU busy (device time is per machine, not per GPU), hard stop 540 s:
+         # GPUs 0,1 the whole conformance suite | GPU 2 rollout (1.7B base + LoRA) | GPU 3 merged-vs-LoRA crossover,
+         # then GPUs 2,3 the GRPO step benchmark (split sequential, split pipelined, TRL-HF peer)
+    END=540
+    CUDA_VISIBLE_DEVICES=0,1 timeout $((END - SECONDS - 10)) $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider \
+      --failures-now --results-dir "$OUT/g01" > "$OUT/logs/conformance.log" 2>&1 &
+    PC=$!
+    CUDA_VISIBLE_DEVICES=2 SPLITRL_BENCH_SHAPES=qwen3-1.7b SPLITRL_BENCH_CONCURRENCY=64,256 timeout 330 \
+      $PY -m pytest suite/benchmarks/test_bench_rollout.py --benchmark-only -q -rs -p no:cacheprovider --failures-now \
+      --results-dir "$OUT/g2" > "$OUT/logs/bench-rollout.log" 2>&1 &
+    PR=$!
+    CUDA_VISIBLE_DEVICES=3 SPLITRL_BENCH_MERGED_SHAPES=qwen3-0.6b,qwen3-1.7b timeout 330 \
+      $PY -m pytest suite/benchmarks/test_bench_merged.py --benchmark-only -q -rs -p no:cacheprovider --failures-now \
+      --results-dir "$OUT/g3" > "$OUT/logs/bench-merged.log" 2>&1 &
+    PM=$!
+    wait $PR; echo "rollout bench exit $? at ${SECONDS}s"; grep -E "passed|failed" "$OUT/logs/bench-rollout.log" | tail -2
+    wait $PM; echo "merged bench exit $? at ${SECONDS}s"; grep -E "passed|failed" "$OUT/logs/bench-merged.log" | tail -2
+    CUDA_VISIBLE_DEVICES=2,3 SPLITRL_BENCH_STEPS=6 timeout $((END - SECONDS - 10)) $PY -m pytest \
+      suite/benchmarks/test_bench_step.py -k "split or trl" --benchmark-only -q -rs -p no:cacheprovider \
+      --failures-now --results-dir "$OUT/g23" > "$OUT/logs/bench-step.log" 2>&1
+    echo "step bench exit $? at ${SECONDS}s"; grep -E "passed|failed|step_time_ratio" "$OUT/logs/bench-step.log" | tail -8
+    wait $PC; echo "conformance exit $? at ${SECONDS}s"; grep -E "^(FAILED|XFAIL)|passed|failed" "$OUT/logs/conformance.log" | tail -12
+    for d in g01 g2 g3 g23; do
       for f in "$OUT/$d"/*.csv; do [ -f "$f" ] && mv "$f" "$OUT/$d-$(basename "$f")"; done
       [ -d "$OUT/$d/logs" ] && mv "$OUT/$d/logs" "$OUT/logs/$d"  # server logs come back in the tarball
       rm -rf "$OUT/$d"
