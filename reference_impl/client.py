@@ -142,10 +142,13 @@ class SGLangClient(HttpClient):
     def generate(self, input_ids: Sequence[Sequence[int]], sampling: SamplingParams,
                  lora: str | Sequence[str | None] | None = None, return_logprob: bool = False,
                  logprob_start_len: int = -1, top_logprobs_num: int = 0,
-                 timeout_s: float | None = None) -> list[GenerateResult]:
-        """One batched /generate from token ids; `lora` is the adapter NAME (or one per prompt)."""
+                 timeout_s: float | None = None, extra_key: str | None = None) -> list[GenerateResult]:
+        """One batched /generate from token ids; `lora` is the adapter NAME (or one per prompt). `extra_key`
+        namespaces the radix cache: a request only reuses prefixes cached under the same key."""
         body: dict[str, Any] = {"input_ids": [list(map(int, ids)) for ids in input_ids],
                                 "sampling_params": sampling.as_json()}
+        if extra_key is not None:
+            body["extra_key"] = extra_key
         if lora is not None:
             body["lora_path"] = lora if isinstance(lora, str) else list(lora)
         if return_logprob:

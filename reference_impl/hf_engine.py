@@ -122,7 +122,8 @@ class HFEngine:
 
     def generate(self, input_ids: Sequence[Sequence[int]], sampling: SamplingParams, lora: str | None = None,
                  return_logprob: bool = False, logprob_start_len: int = -1, top_logprobs_num: int = 0,
-                 timeout_s: float | None = None) -> list[GenerateResult]:
+                 timeout_s: float | None = None, extra_key: str | None = None) -> list[GenerateResult]:
+        # extra_key namespaces SGLang's prefix cache; this engine keeps no cache across calls, so it is moot here
         if lora is not None and not isinstance(lora, str):
             raise ValueError("HFEngine serves one adapter per batch")
         if lora is not None and lora not in self.adapters:

@@ -65,7 +65,11 @@ def rollout(engine, strategy, task, cfg: LoopConfig, step: int) -> list[Rollout]
     # A strategy that syncs full weights (merged) serves by the base model name: request_lora is then None,
     # and check_result proves each response came from the version it names (meta_info.weight_version).
     lora = getattr(strategy, "request_lora", adapter)
-    results = engine.generate(batch, sampling, lora=lora, timeout_s=cfg.request_timeout_s)
+    # ... and namespaces the prefix cache by version (request_extra_key), so no prefix computed by older weights
+    # can be reused even when the server could not flush its cache after the update
+    extra_key = getattr(strategy, "request_extra_key", None)
+    results = engine.generate(batch, sampling, lora=lora, timeout_s=cfg.request_timeout_s,
+                              **({"extra_key": extra_key} if extra_key is not None else {}))
     check = getattr(strategy, "check_result", None)
     for result in results if check else ():
         check(result)

@@ -1,13 +1,21 @@
 """The merged strategy: the LoRA is merged into a copy of the base weights and the server loads them whole.
 
     merge (WeightMerger, tmpfs)  ->  POST /pause_generation {"mode":"retract"}
-    ->  POST /update_weights_from_disk {model_path, load_format:"auto", weight_version:"policy-vN", flush_cache}
-    ->  POST /continue_generation (always, in a finally)  ->  GET /model_info: weight_version must be policy-vN
+    ->  POST /update_weights_from_disk {model_path, load_format:"auto", weight_version:"policy-vN",
+                                       flush_cache: false}
+    ->  POST /continue_generation (always, in a finally)  ->  POST /flush_cache (best effort)
+    ->  GET /model_info: weight_version must be policy-vN
 
 Why pause first: SGLang 0.5.14 asserts that the post-update cache flush succeeds, and the flush fails while
 requests are running, so an update under load crashes the scheduler (upstream #14062, #12099). "retract"
-puts running requests back in the queue with their KV freed; after continue they are recomputed with the new
-weights, so none is lost and none reuses KV from the old weights (the flush empties the radix cache).
+puts running requests back in the waiting queue with their own KV freed; after continue they run on the new
+weights, so none is lost.
+Why no flush inside the update: in 0.5.14 the flush also needs an empty WAITING queue, which is exactly where
+retract put those requests, so retract + `flush_cache: true` still kills the scheduler (upstream sglang PR
+#31962, read in the 0.5.14 source: is_fully_idle requires len(waiting_queue) == 0). Stale prefixes are kept
+out two other ways: every rollout names its version as the radix-cache `extra_key` (request_extra_key), so a
+prefix cached by older weights never matches; and the cache is flushed right after continue when the server
+is idle (the loop syncs between batches, so it is; `flushed` in the record says whether it was).
 
 Rollouts are served by the base model name (`request_lora = None`): LoRA serving costs throughput (see
 shared notes, performance). The version is then proven per response instead: `check_result` raises when
@@ -58,12 +66,13 @@ class MergedSync:
         answer: dict = {}
         try:
             answer = self._call(self.server.update_weights_from_disk, str(merged.path), load_format=self.load_format,
-                                weight_version=new, flush_cache=True)
+                                weight_version=new, flush_cache=False)
         finally:
             t3 = time.perf_counter()
             # always resume, even after a failed update: SGLang rolled back, and paused requests must not hang
             self._call(self.server.continue_generation)
         t4 = time.perf_counter()
+        flushed = self._flush_if_idle()
         try:
             served = self.server.model_info().get("weight_version")
         except (ServerHTTPError, ServerUnreachable) as e:
@@ -74,9 +83,26 @@ class MergedSync:
         self.current, self.current_version, self.current_path = new, version, str(merged.path)
         extra = {"merge_ms": merged.merge_ms, "write_ms": merged.write_ms, "load_base_ms": merged.load_base_ms,
                  "pause_ms": (t2 - t1) * 1e3, "update_ms": (t3 - t2) * 1e3, "continue_ms": (t4 - t3) * 1e3,
-                 "merged_bytes": merged.bytes_written,
+                 "merged_bytes": merged.bytes_written, "flushed": float(flushed),
                  "num_paused_requests": (answer or {}).get("num_paused_requests")}
         return SyncRecord(version, new, (time.perf_counter() - t0) * 1e3, extra)
+
+    @property
+    def request_extra_key(self) -> str | None:
+        """The radix-cache namespace of every rollout: its version, so older weights' prefixes never match."""
+        return self.current
+
+    def _flush_if_idle(self) -> bool:
+        """Drop every cached prefix now if the server is idle (it answers 400 while requests run: not an error,
+        the extra_key namespaces still keep old prefixes out of rollouts)."""
+        flush = getattr(self.server, "flush_cache", None)
+        if flush is None:
+            return True  # an engine without a prefix cache (HFEngine)
+        try:
+            flush()
+            return True
+        except ServerHTTPError:
+            return False
 
     def check_result(self, result) -> None:
         """Every rollout response must name the version pushed last (meta_info.weight_version)."""

@@ -1,8 +1,9 @@
 """MergedSync against the FAKE SGLang (a test double: protocol and error paths only, never GPU evidence).
 
 The fake models the real hazard (shared notes section 3): an update that flushes the cache while requests
-run crashes SGLang 0.5.14's scheduler. A naive update under load crashes the fake here; MergedSync (pause with
-"retract", update, continue) loses no request, and every request finishes on the new weights' version.
+run or wait crashes SGLang 0.5.14's scheduler, also after a "retract" pause (sglang PR #31962). A naive update
+under load crashes the fake here; MergedSync (retract, update without flush, continue, flush when idle, rollouts
+namespaced by version) loses no request, and every request finishes on the new weights' version.
 """
 from __future__ import annotations
 
@@ -172,3 +173,59 @@ def test_ignored_update_is_refused_by_publish(base, merger, adapters):
         strategy = MergedSync(SGLangClient(srv.url, timeout_s=10), merger=merger)
         with pytest.raises(SyncError, match="answered success but /model_info reports weight_version='default'"):
             strategy.publish(1, str(adapters[0]))
+
+
+def test_retract_then_update_with_flush_still_crashes_the_fake_scheduler(base, merger, adapters):
+    """Why MergedSync passes flush_cache false: retract moves running requests into the waiting queue, and the
+    0.5.14 flush needs that queue empty too (read in its source; upstream PR #31962 fixes it later)."""
+    merged = merger.merge(adapters[0], "policy-v1").path
+    with serve(base, request_delay_s=0.5) as srv:
+        client = SGLangClient(srv.url, timeout_s=10)
+        threads, results, errors = in_flight(client, 3)
+        wait_busy(srv.state, 3)
+        client.pause_generation(mode="retract")
+        with pytest.raises(ServerHTTPError, match="Cache flush failed after updating weights"):
+            client.update_weights_from_disk(str(merged), weight_version="policy-v1", flush_cache=True)
+        for t in threads:
+            t.join(30)
+        assert len(errors) == 3 and not results
+
+
+def test_flush_after_continue_happens_when_idle_and_is_skipped_when_busy(base, merger, adapters):
+    with serve(base, request_delay_s=0.5) as srv:
+        client = SGLangClient(srv.url, timeout_s=10)
+        strategy = MergedSync(client, merger=merger)
+        assert strategy.publish(0, str(adapters[0])).extra["flushed"] == 1.0  # idle: flushed at once
+        threads, results, errors = in_flight(client, 4)
+        wait_busy(srv.state, 4)
+        rec = strategy.publish(1, str(adapters[1]))
+        for t in threads:
+            t.join(30)
+        assert rec.extra["flushed"] == 0.0 and not errors and len(results) == 4  # busy: a 400, not an error
+
+
+def test_rollouts_are_namespaced_by_version_so_unflushed_prefixes_never_match(base, merger, adapters):
+    """With a cache that is never emptied (bug mode no_flush_on_update makes /flush_cache a no-op), a rollout
+    through the loop names its version as extra_key and finds nothing cached by the previous version's weights,
+    while a request without the key (an outside client) does reuse the stale prefix."""
+    from reference_impl.loop import LoopConfig, rollout
+
+    class OnePrompt:
+        def prompts(self, step, n):
+            return [[7, 8, 9, 10, 11, 12, 13, 14]] * n
+
+        def reward(self, prompt, ids):
+            return 0.0
+
+    cfg = LoopConfig(prompts_per_step=1, group_size=1, max_new_tokens=2)
+    with serve(base, bugs={"no_flush_on_update"}) as srv:
+        client = SGLangClient(srv.url, timeout_s=10)
+        strategy = MergedSync(client, merger=merger)
+        strategy.publish(0, str(adapters[0]))
+        rollout(client, strategy, OnePrompt(), cfg, 0)                # cached under policy-v0
+        client.generate([[7, 8, 9, 10, 11, 12, 13, 14]], SLOW)        # and without a key
+        strategy.publish(1, str(adapters[1]))
+        fresh = rollout(client, strategy, OnePrompt(), cfg, 1)[0]
+        outside = client.generate([[7, 8, 9, 10, 11, 12, 13, 14]], SLOW)[0]
+    assert fresh.cached_tokens == 0, "a rollout of policy-v1 reused a prefix cached by policy-v0's weights"
+    assert outside.cached_tokens > 0  # the fake's cache really kept it: the namespace is what protected the rollout
