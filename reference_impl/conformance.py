@@ -42,16 +42,16 @@ class LogprobDiff:
     max_abs: float
     mean_abs: float
     positions: int
-    mean_ref: float = 0.0      # mean excess of |b| (the reference side) over a uniform policy
+    mean_sharpness: float = 0.0  # mean excess of |b| (the reference side) over a uniform policy
     worst_excess: float = 0.0  # max over positions of |d| - its bound; > 0 fails
 
     def __str__(self) -> str:
         return (f"max|d|={self.max_abs:.4f} mean|d|={self.mean_abs:.4f} over {self.positions} positions "
-                f"(mean sharpness |ref|-lnV={self.mean_ref:.2f})")
+                f"(mean sharpness |ref|-lnV={self.mean_sharpness:.2f})")
 
     @property
     def mean_tolerance(self) -> float:
-        return MEAN_ABS_TOL + MEAN_REL_TOL * self.mean_ref
+        return MEAN_ABS_TOL + MEAN_REL_TOL * self.mean_sharpness
 
     def within_tolerance(self) -> bool:
         return self.worst_excess <= 0 and self.mean_abs <= self.mean_tolerance

@@ -104,8 +104,12 @@ class RawSender:
         js = r.json()
         item = js[0] if isinstance(js, list) else js
         meta = item.get("meta_info") or {}
+        self.check_meta(meta)
         return Reply(int(meta.get("prompt_tokens", 0)), int(meta.get("completion_tokens", 0)),
                      int(meta.get("cached_tokens", 0) or 0), len(item.get("output_ids") or []))
+
+    def check_meta(self, meta: dict) -> None:
+        """A hook for senders that must verify each reply (raise to fail the request); none here."""
 
     def flush_cache(self, wait_idle_s: float = 30.0) -> None:
         """Empty the radix cache (setup between passes, never timed); waits for the server to go idle."""

@@ -32,7 +32,7 @@ import pytest
 
 from reference_impl.bench import env_float, env_int, env_ints, env_list, row_base, scalar_rows, stat_values
 from reference_impl.crossover import ROLLOUT_TEST, SYNC_TEST, crossover, crossover_rows
-from reference_impl.loadgen import ClosedLoop, RawSender, Reply, generate_body, make_prompts
+from reference_impl.loadgen import ClosedLoop, RawSender, make_prompts
 from reference_impl.server import ALL_LINEAR, LoraPoolConfig
 
 from .conftest import free_cuda_cache, model_with_weights, watch_vram
@@ -61,19 +61,10 @@ class VersionedSender(RawSender):
         super().__init__(base_url, timeout_s)
         self.strategy = strategy
 
-    def __call__(self, prompt, gen_len: int, lora, temperature: float = 1.0) -> Reply:
-        r = self._session().post(self.url + "/generate", json=generate_body(prompt, gen_len, lora, temperature),
-                                 timeout=self.timeout_s)
-        if r.status_code != 200:
-            raise RuntimeError(f"/generate -> HTTP {r.status_code}: {r.text[:500]}")
-        js = r.json()
-        item = js[0] if isinstance(js, list) else js
-        meta = item.get("meta_info") or {}
+    def check_meta(self, meta: dict) -> None:
         if self.strategy is not None and meta.get("weight_version") != self.strategy.current:
             raise RuntimeError(f"reply from weight_version {meta.get('weight_version')!r}, pushed "
                                f"{self.strategy.current!r}: stale weights served")
-        return Reply(int(meta.get("prompt_tokens", 0)), int(meta.get("completion_tokens", 0)),
-                     int(meta.get("cached_tokens", 0) or 0), len(item.get("output_ids") or []))
 
 
 def _servers(server_slot, model_path: str):

@@ -173,7 +173,9 @@ def test_step_trl_peer(benchmark, bench_plan, step_model, results_writer, tmp_pa
 
 
 @pytest.mark.gpus(2)
-def test_step_split_hot_reload(benchmark, server_slot, bench_plan, step_model, results_writer):
+@pytest.mark.parametrize("variant", ["split", "split_pipelined"])
+def test_step_split(benchmark, server_slot, bench_plan, step_model, results_writer, variant):
+    """Hot reload on a split, sequential and pipelined, on the same server (the slot reuses it)."""
     from reference_impl.sync import HotReload
 
     if bench_plan.mode != "split":
@@ -182,25 +184,8 @@ def test_step_split_hot_reload(benchmark, server_slot, bench_plan, step_model, r
     strategy = HotReload(srv.client)
     gpus = [g.index for g in bench_plan.inference + bench_plan.training]
     try:
-        _run_variant(benchmark, results_writer, step_model, srv.client, strategy, "split", "split", gpus)
-    finally:
-        if strategy.current:
-            srv.client.unload_lora_adapter(strategy.current)
-
-
-@pytest.mark.gpus(2)
-def test_step_split_pipelined(benchmark, server_slot, bench_plan, step_model, results_writer):
-    """The split of test_step_split_hot_reload (same server config: the slot reuses it), pipelined."""
-    from reference_impl.sync import HotReload
-
-    if bench_plan.mode != "split":
-        pytest.skip(f"GPU plan is {bench_plan.mode!r}, not split: pass --inference-gpus/--training-gpus apart")
-    srv = server_slot.get(model_path=str(step_model.path), lora=POOL, mem_fraction_static=OWN_MEM_FRACTION)
-    strategy = HotReload(srv.client)
-    gpus = [g.index for g in bench_plan.inference + bench_plan.training]
-    try:
-        _run_variant(benchmark, results_writer, step_model, srv.client, strategy, "split_pipelined", "split", gpus,
-                     pipelined=True)
+        _run_variant(benchmark, results_writer, step_model, srv.client, strategy, variant, "split", gpus,
+                     pipelined=variant == "split_pipelined")
     finally:
         if strategy.current:
             srv.client.unload_lora_adapter(strategy.current)

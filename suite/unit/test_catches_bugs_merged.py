@@ -15,28 +15,15 @@ import pytest
 from fixtures.fake_sglang import FakeSGLangServer
 from fixtures.fake_sglang_state import FakeSGLangState
 from reference_impl import conformance as C
-from reference_impl.adapters import make_peft_adapter
 from reference_impl.client import SamplingParams, SGLangClient
 from reference_impl.conformance import ConformanceError
 from reference_impl.merge import WeightMerger
 from reference_impl.sync import SyncError
 from reference_impl.sync_merged import MergedSync
-from suite.unit.micro_model import micro_model
 
 from .bugcatch_common import LONG, probe, served_logprobs
 
 C_SAMPLING = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return micro_model(tmp_path_factory.mktemp("base") / "m")
-
-
-@pytest.fixture(scope="module")
-def adapters(base, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    return [str(make_peft_adapter(str(base), root / f"a{i}", rank=8, seed=i, b_std=0.05)) for i in range(3)]
 
 
 @dataclass
@@ -47,16 +34,16 @@ class MergedRun:
     versions: list = field(default_factory=list)    # per version: (pushed, weight_versions of its responses)
 
 
-def drive_merged(base, adapters, tmp_path, bugs=()) -> MergedRun:
+def drive_merged(micro_base, micro_adapters, tmp_path, bugs=()) -> MergedRun:
     """As the GPU test: warm a prefix, sync, probe that prefix once, take logprobs, compare with a server on the
     merged checkpoint."""
     run = MergedRun()
-    merger = WeightMerger(base, root=tmp_path / "merged", device="cpu")
+    merger = WeightMerger(micro_base, root=tmp_path / "merged", device="cpu")
     try:
-        with FakeSGLangServer(FakeSGLangState(model_path=str(base), bugs=bugs)) as srv:
+        with FakeSGLangServer(FakeSGLangState(model_path=str(micro_base), bugs=bugs)) as srv:
             client = SGLangClient(srv.url, timeout_s=10)
             strategy = MergedSync(client, merger=merger)
-            for i, adapter in enumerate(adapters):
+            for i, adapter in enumerate(micro_adapters):
                 probe(client, None, LONG)  # the prefix is now in the radix cache, computed by the old weights
                 strategy.publish(i + 1, adapter)
                 cached, _, _ = probe(client, None, LONG)
@@ -81,27 +68,27 @@ def check_merged(run: MergedRun) -> None:
         C.assert_weight_version(seen, pushed, f"version {i + 1}")
 
 
-def test_merged_checks_pass_on_the_normal_fake(base, adapters, tmp_path):
-    run = drive_merged(base, adapters[:2], tmp_path)
+def test_merged_checks_pass_on_the_normal_fake(micro_base, micro_adapters, tmp_path):
+    run = drive_merged(micro_base, micro_adapters[:2], tmp_path)
     check_merged(run)
     assert run.first_cached == [0, 0]
 
 
-def test_merged_checks_catch_old_weights_under_a_new_label(base, adapters, tmp_path):
-    run = drive_merged(base, adapters[:2], tmp_path, bugs={"update_label_only"})
+def test_merged_checks_catch_old_weights_under_a_new_label(micro_base, micro_adapters, tmp_path):
+    run = drive_merged(micro_base, micro_adapters[:2], tmp_path, bugs={"update_label_only"})
     with pytest.raises(ConformanceError, match="version 1 vs the merged checkpoint: served logprobs differ"):
         check_merged(run)
 
 
-def test_merged_checks_catch_kv_reused_across_the_sync(base, adapters, tmp_path):
-    run = drive_merged(base, adapters[:2], tmp_path, bugs={"no_flush_on_update"})
+def test_merged_checks_catch_kv_reused_across_the_sync(micro_base, micro_adapters, tmp_path):
+    run = drive_merged(micro_base, micro_adapters[:2], tmp_path, bugs={"no_flush_on_update"})
     assert run.first_cached[0] > 0
     with pytest.raises(ConformanceError, match="version 1: first request on a prefix cached before the sync"):
         check_merged(run)
 
 
-def test_merged_checks_catch_an_ignored_update(base, adapters, tmp_path):
+def test_merged_checks_catch_an_ignored_update(micro_base, micro_adapters, tmp_path):
     with pytest.raises(SyncError, match="still serves 'default', not policy-v1"):
-        drive_merged(base, adapters[:1], tmp_path, bugs={"ignore_weight_update"})
+        drive_merged(micro_base, micro_adapters[:1], tmp_path, bugs={"ignore_weight_update"})
     with pytest.raises(ConformanceError, match=r"weight_version \['default'\], the version pushed is 'policy-v1'"):
         C.assert_weight_version(["default", "default"], "policy-v1", "responses")

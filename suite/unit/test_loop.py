@@ -23,7 +23,6 @@ torch = pytest.importorskip("torch")
 from reference_impl.hf_engine import HFEngine  # noqa: E402
 from reference_impl.loop import (EXTRA_METRICS, STEP_METRICS, LoopConfig, StepRecord, run_loop,  # noqa: E402
                                  step_rows)
-from reference_impl.models import resolve_model  # noqa: E402
 from reference_impl.results import ResultsWriter, read_results  # noqa: E402
 from reference_impl.server import ALL_LINEAR, ATTENTION_ONLY  # noqa: E402
 from reference_impl.sync import HotReload, NoSync, version_name  # noqa: E402
@@ -35,21 +34,8 @@ from suite.unit.adapters_for_tests import make_adapter  # noqa: E402
 STEPS = 20
 LOOP = LoopConfig(steps=STEPS, prompts_per_step=4, group_size=8, max_new_tokens=8, temperature=1.0)
 LR = 2e-2
-THREADS = 2
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """The embedded tiny model (built on first use, ~10 s, then cached by shape)."""
-    return resolve_model("tiny")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)  # deterministic and as measured; the machine may have only 2 cores
-    yield
-    torch.set_num_threads(previous)
+# deterministic and as measured; the machine may have only 2 cores (suite/unit/conftest.py)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 class RecordingEngine:

@@ -24,7 +24,6 @@ torch = pytest.importorskip("torch")
 
 from reference_impl.hf_engine import HFEngine, input_logprobs  # noqa: E402
 from reference_impl.loop import LoopConfig, rollout, run_loop  # noqa: E402
-from reference_impl.models import resolve_model  # noqa: E402
 from reference_impl.pipeline import PipelineConfig, run_pipelined  # noqa: E402
 from reference_impl.sync import HotReload, version_name  # noqa: E402
 from reference_impl.tasks import WordStartTask  # noqa: E402
@@ -34,19 +33,7 @@ STEPS = 12
 LOOP = LoopConfig(steps=STEPS, prompts_per_step=4, group_size=8, max_new_tokens=8, temperature=1.0)
 LR, TIS_CAP = 2e-2, 2.0
 LAST5_TOLERANCE = 0.15
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return resolve_model("tiny")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")  # as measured (suite/unit/conftest.py)
 
 
 @dataclass
