@@ -61,6 +61,9 @@ class ServerConfig:
     lora: LoraPoolConfig | None = None
     mem_fraction_static: float = 0.5
     cuda_graphs: bool = True
+    # SGLang's piecewise (torch.compile) prefill graphs: ~90 s of a cold start for a 1.7B shape, and never
+    # used with LoRA (SGLang turns them off there), so base-vs-LoRA comparisons may want them off on both
+    prefill_cuda_graphs: bool = True
     memory_saver: bool = False
     load_format: str = "auto"          # "dummy": config-only dirs (no LoRA possible, see notes)
     context_length: int = 4096
@@ -86,6 +89,8 @@ class ServerConfig:
             args += self.lora.argv()
         if not self.cuda_graphs:
             args += ["--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled"]
+        elif not self.prefill_cuda_graphs:
+            args += ["--cuda-graph-backend-prefill", "disabled"]
         if self.memory_saver:
             args += ["--enable-memory-saver"]
         if self.disable_radix_cache:

@@ -14,8 +14,12 @@ set -u
 MODE=${1:?all4|bench-1gpu|conformance|split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
 OUT=${OUT:-/tmp/splitrl-out}; mkdir -p "$OUT"
 PREFIX=/tmp/splitrl
-bash .gpu-kit/install.sh .gpu-kit "$PREFIX" > "$OUT/install.log" 2>&1 || { tail -40 "$OUT/install.log"; exit 1; }
-tail -1 "$OUT/install.log"
+if [ -x "$PREFIX/train-venv/bin/python" ] && [ -x "$PREFIX/sglang-venv/bin/python" ]; then
+  echo "kit already installed in $PREFIX (a warm machine): reused" | tee "$OUT/install.log"
+else
+  bash .gpu-kit/install.sh .gpu-kit "$PREFIX" > "$OUT/install.log" 2>&1 || { tail -40 "$OUT/install.log"; exit 1; }
+  tail -1 "$OUT/install.log"
+fi
 export SPLITRL_SGLANG_PYTHON=$PREFIX/sglang-venv/bin/python SPLITRL_QWEN_TOKENIZER=$PREFIX/qwen3-tokenizer
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD SPLITRL_CACHE=/tmp/splitrl-cache NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -79,32 +83,38 @@ case $MODE in
     SPLITRL_BENCH_SYNC_ROUNDS=5 SPLITRL_BENCH_SYNC_SHAPES=qwen3-1.7b timeout $((565 - SECONDS)) $PY -m pytest suite/benchmarks/test_bench_sync.py \
       --benchmark-only -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/bench-sync.log" 2>&1
     echo "sync bench exit $? at ${SECONDS}s"; grep -E "passed|failed|^E  " "$OUT/bench-sync.log" | tail -8 ;;
-  all4)  # one call on a 4-GPU kind, every GPU busy (device time is per machine, not per GPU), hard stop 540 s:
-         # GPUs 0,1 the whole conformance suite | GPU 2 rollout (1.7B base + LoRA) | GPU 3 merged-vs-LoRA crossover,
-         # then GPUs 2,3 the GRPO step benchmark (split sequential, split pipelined, TRL-HF peer)
-    END=540
-    CUDA_VISIBLE_DEVICES=0,1 timeout $((END - SECONDS - 10)) $PY -m pytest suite -m gpu -q -rs -p no:cacheprovider \
-      --failures-now --results-dir "$OUT/g01" > "$OUT/logs/conformance.log" 2>&1 &
+  all4)  # one call on a 4-GPU kind, every GPU busy (device time is per machine, not per GPU), hard stop $END s:
+         # GPUs 0,1 the whole conformance suite, then GPU 0 the single-GPU step variants (restart, release/resume)
+         # GPUs 2,3 the GRPO step benchmark (split sequential, split pipelined, TRL-HF peer), then
+         #   GPU 2 rollout (1.7B base + LoRA) | GPU 3 merged-vs-LoRA crossover
+    END=${ALL4_END:-550}
+    STEP_MODEL=${ALL4_STEP_MODEL:-qwen3-0.6b}
+    pytest_job() {  # name, timeout s, CUDA_VISIBLE_DEVICES, pytest args: one bounded job, its CSV dir $OUT/name
+      local name=$1 t=$2 cvd=$3; shift 3
+      CUDA_VISIBLE_DEVICES=$cvd timeout "$t" $PY -m pytest "$@" -q -rs -p no:cacheprovider --failures-now \
+        --results-dir "$OUT/$name" > "$OUT/logs/$name.log" 2>&1
+      echo "$name exit $? at ${SECONDS}s: $(grep -E "passed|failed" "$OUT/logs/$name.log" | tail -1)"
+    }
+    ( pytest_job conformance $((END - SECONDS - 10)) 0,1 suite -m gpu
+      left=$((END - SECONDS - 10))
+      [ $left -gt 60 ] && SPLITRL_BENCH_STEP_MODEL=tiny SPLITRL_BENCH_STEPS=3 \
+        pytest_job step-single $left 0 suite/benchmarks/test_bench_step.py -k single_gpu --benchmark-only ) &
     PC=$!
-    CUDA_VISIBLE_DEVICES=2 SPLITRL_BENCH_SHAPES=qwen3-1.7b SPLITRL_BENCH_CONCURRENCY=64,256 timeout 330 \
-      $PY -m pytest suite/benchmarks/test_bench_rollout.py --benchmark-only -q -rs -p no:cacheprovider --failures-now \
-      --results-dir "$OUT/g2" > "$OUT/logs/bench-rollout.log" 2>&1 &
+    SPLITRL_BENCH_STEP_MODEL=$STEP_MODEL SPLITRL_BENCH_STEPS=6 \
+      pytest_job step-split ${ALL4_STEP_S:-240} 2,3 suite/benchmarks/test_bench_step.py -k "split or trl" --benchmark-only
+    grep -E "step_time_ratio" "$OUT/logs/step-split.log" | tail -6
+    SPLITRL_BENCH_SHAPES=qwen3-1.7b SPLITRL_BENCH_CONCURRENCY=64,256 \
+      pytest_job rollout $((END - SECONDS - 10)) 2 suite/benchmarks/test_bench_rollout.py --benchmark-only &
     PR=$!
-    CUDA_VISIBLE_DEVICES=3 SPLITRL_BENCH_MERGED_SHAPES=qwen3-0.6b,qwen3-1.7b timeout 330 \
-      $PY -m pytest suite/benchmarks/test_bench_merged.py --benchmark-only -q -rs -p no:cacheprovider --failures-now \
-      --results-dir "$OUT/g3" > "$OUT/logs/bench-merged.log" 2>&1 &
+    SPLITRL_BENCH_MERGED_SHAPES=${ALL4_MERGED_SHAPES:-qwen3-0.6b,qwen3-1.7b} SPLITRL_BENCH_MERGED_CUDA_GRAPHS=1 \
+      pytest_job merged $((END - SECONDS - 10)) 3 suite/benchmarks/test_bench_merged.py --benchmark-only &
     PM=$!
-    wait $PR; echo "rollout bench exit $? at ${SECONDS}s"; grep -E "passed|failed" "$OUT/logs/bench-rollout.log" | tail -2
-    wait $PM; echo "merged bench exit $? at ${SECONDS}s"; grep -E "passed|failed" "$OUT/logs/bench-merged.log" | tail -2
-    CUDA_VISIBLE_DEVICES=2,3 SPLITRL_BENCH_STEPS=6 timeout $((END - SECONDS - 10)) $PY -m pytest \
-      suite/benchmarks/test_bench_step.py -k "split or trl" --benchmark-only -q -rs -p no:cacheprovider \
-      --failures-now --results-dir "$OUT/g23" > "$OUT/logs/bench-step.log" 2>&1
-    echo "step bench exit $? at ${SECONDS}s"; grep -E "passed|failed|step_time_ratio" "$OUT/logs/bench-step.log" | tail -8
-    wait $PC; echo "conformance exit $? at ${SECONDS}s"; grep -E "^(FAILED|XFAIL)|passed|failed" "$OUT/logs/conformance.log" | tail -12
-    for d in g01 g2 g3 g23; do
+    wait $PR $PM $PC
+    grep -E "^(FAILED|XFAIL|ERROR)" "$OUT/logs/conformance.log" | cut -c1-400 | tail -12
+    for d in conformance step-single step-split rollout merged; do
       for f in "$OUT/$d"/*.csv; do [ -f "$f" ] && mv "$f" "$OUT/$d-$(basename "$f")"; done
       [ -d "$OUT/$d/logs" ] && mv "$OUT/$d/logs" "$OUT/logs/$d"  # server logs come back in the tarball
-      rm -rf "$OUT/$d"
+      rm -rf "$OUT/${d:?}"
     done ;;
   bench-sync-step)  # hot reload by rank, restart cold/warm, release/resume, GRPO step breakdown + TRL-HF peer
     SPLITRL_BENCH_STEPS=${SPLITRL_BENCH_STEPS:-3} SPLITRL_BENCH_SYNC_ROUNDS=${SPLITRL_BENCH_SYNC_ROUNDS:-5} \

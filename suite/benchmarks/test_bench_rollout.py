@@ -8,6 +8,9 @@ Environment (defaults in brackets):
   SPLITRL_BENCH_PROMPT_LEN    [256]    SPLITRL_BENCH_GEN_LEN [256]    SPLITRL_BENCH_ROUNDS [2]
   SPLITRL_BENCH_REQUESTS_PER_SLOT [2]  requests per round = C * this
   SPLITRL_BENCH_MEM_FRACTION  [the pool's: 0.5 split, 0.3 shared]  --mem-fraction-static of the server
+  SPLITRL_BENCH_PREFILL_GRAPHS [0]     1: SGLang's piecewise prefill CUDA graphs on the base server (~90 s more
+                              per cold start of a 1.7B shape; the LoRA server never has them), param
+                              prefill_graphs in every row. Decode CUDA graphs are always on.
 
 Each round: TTFT probe, then raw and harness on the same new prompt set (definitions: reference_impl/bench.py).
 One server per (shape, variant), reused across concurrencies, stopped before the next one starts.
@@ -32,6 +35,7 @@ GEN_LEN = env_int("SPLITRL_BENCH_GEN_LEN", 256)
 ROUNDS = env_int("SPLITRL_BENCH_ROUNDS", 2)
 REQUESTS_PER_SLOT = env_int("SPLITRL_BENCH_REQUESTS_PER_SLOT", 2)
 MEM_FRACTION = env_float("SPLITRL_BENCH_MEM_FRACTION", None)
+PREFILL_GRAPHS = bool(env_int("SPLITRL_BENCH_PREFILL_GRAPHS", 0))
 WARMUP = 1
 LORA_RANK = 16
 ADAPTER = f"bench-r{LORA_RANK}"
@@ -57,7 +61,7 @@ def _overrides(shape: str, variant: str, tmp_path_factory) -> tuple[dict, str]:
     """ServerPool overrides for the variant, plus the model dir whose config.json gives the MBU shape."""
     from reference_impl.models import resolve_model
 
-    common = {"cuda_graphs": True}
+    common = {"cuda_graphs": True, "prefill_cuda_graphs": PREFILL_GRAPHS}
     if MEM_FRACTION is not None:
         common["mem_fraction_static"] = MEM_FRACTION
     if variant == "base":  # dummy weights: no LoRA possible on this server (see performance notes)
@@ -89,7 +93,8 @@ def test_rollout_throughput(benchmark, shape, variant, concurrency, server_slot,
     mem_fraction = overrides.get("mem_fraction_static", server_slot.pool.base.mem_fraction_static)
     base = row_base(f"rollout_{variant}", shape, mode=bench_plan.mode)
     params = {"concurrency": concurrency, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN,
-              "lora": LORA_RANK if variant == "lora" else "base", "mem_fraction": mem_fraction}
+              "lora": LORA_RANK if variant == "lora" else "base", "mem_fraction": mem_fraction,
+              "prefill_graphs": int(PREFILL_GRAPHS and variant == "base")}
     spec = LoadSpec(concurrency, PROMPT_LEN, GEN_LEN, lora=ADAPTER if variant == "lora" else None,
                     lora_rank=LORA_RANK, requests_per_slot=REQUESTS_PER_SLOT)
     indices = [g.index for g in bench_plan.inference]
@@ -109,7 +114,7 @@ def test_rollout_throughput(benchmark, shape, variant, concurrency, server_slot,
     assert not problems, f"{len(problems)} replies with unexpected token counts: {problems[:5]}"
     rows = load_rows(base, spec, measured, model_config=model_config, gpu_name=bench_plan.inference[0].name,
                      n_gpus=bench_plan.tp_size, token_capacity=capacity, max_running=max_running,
-                     extra_params={"mem_fraction": mem_fraction})
+                     extra_params={"mem_fraction": mem_fraction, "prefill_graphs": params["prefill_graphs"]})
     if started:  # the server was launched for this case: its launch-to-healthy time is a number too
         rows += scalar_rows(base, {"server_start_s": srv.start_s}, {"mem_fraction": mem_fraction,
                                                                    "lora": params["lora"], "cuda_graphs": True})

@@ -8,13 +8,12 @@
     new weights on a flushed cache;
   * requests running during the sync all complete (none fail, none aborted), each naming a weight version.
 
-The merged sync rewrites the server's BASE weights, so this module starts its own small server without LoRA
-(mem fraction 0.15) instead of touching the session lora_server. CPU counterparts against the FAKE SGLang's
-bug modes: suite/unit/test_catches_bugs_merged.py. Budget: < 90 s on one GPU (server start ~45 s).
+The merged sync rewrites the server's BASE weights, so this module runs on the session's plain_server (no LoRA,
+mem fraction 0.15, launched at session start: fixtures/gpu.py) and never touches the shared lora_server. CPU counterparts against the FAKE SGLang's
+bug modes: suite/unit/test_catches_bugs_merged.py. Budget: < 45 s on one GPU once the server is up.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from reference_impl import conformance as C
 from reference_impl.client import SamplingParams
 from reference_impl.hf_engine import input_logprobs
 from reference_impl.results import ResultRow
-from reference_impl.server import ALL_LINEAR, SGLangServer
+from reference_impl.server import ALL_LINEAR
 
 from .probes import PROMPTS, served_logprobs
 from .test_prefix_cache import LONG
@@ -39,11 +38,9 @@ _versions = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
-def merged_server(server_pool, backend):
+def merged_server(plain_server, backend):
     sglang_only(backend, "SGLang's /update_weights_from_disk with pause/continue (vLLM: not wired)")
-    srv = SGLangServer(dataclasses.replace(server_pool.base, lora=None, mem_fraction_static=0.15)).start()
-    yield srv
-    srv.stop()
+    return plain_server
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import pytest
 
 from reference_impl.client import SamplingParams
 from reference_impl.procs import pids_in_group
-from reference_impl.server import SGLangServer
 
 from fixtures.plugin import sglang_only
 
@@ -28,15 +27,16 @@ def test_reports_memory(lora_server, backend):
     assert mem.get("weight", 0) > 0 and mem.get("token_capacity", 0) > 0, mem
 
 
-def test_second_config_in_same_session_and_clean_stop(server_pool, lora_server, backend):
-    sglang_only(backend, "builds a second SGLang config (vLLM's lifecycle: suite/unit/test_vllm_backend.py)")
-    import dataclasses
-    cfg = dataclasses.replace(server_pool.base, lora=None, mem_fraction_static=0.15)
-    with SGLangServer(cfg) as other:
-        assert other.port != lora_server.port
-        res = other.client.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4, temperature=0))
-        assert res[0].completion_tokens == 4
-        pgid = other.pid
-    assert other.stopped_by in ("term", "kill")
+def test_second_config_in_same_session_and_clean_stop(server_pool, lora_server, plain_server):
+    """The session's second config (no LoRA: fixtures/gpu.py PLAIN_SERVER) serves next to the LoRA server; stopping
+    it leaves no process of its group and the LoRA server untouched. Afterwards the pool relaunches it on demand."""
+    from fixtures.gpu import PLAIN_SERVER
+
+    assert plain_server.port != lora_server.port
+    res = plain_server.client.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4, temperature=0))
+    assert res[0].completion_tokens == 4
+    pgid = plain_server.pid
+    server_pool.release(**PLAIN_SERVER)
+    assert plain_server.stopped_by in ("term", "kill")
     assert pids_in_group(pgid) == []
     assert lora_server.client.health()  # the shared server is untouched

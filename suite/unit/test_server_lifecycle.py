@@ -106,6 +106,10 @@ def test_argv_and_child_env(tmp_path, fake_model_dir):
     assert after("--cuda-graph-backend-decode") == "disabled" and after("--cuda-graph-backend-prefill") == "disabled"
     assert "--enable-memory-saver" in argv and argv[-2:] == ["--log-level", "debug"]
     assert "--disable-radix-cache" not in argv
+    decode_only = make_config(tmp_path, fake_model_dir, prefill_cuda_graphs=False).argv(23456)
+    assert "--cuda-graph-backend-decode" not in decode_only
+    assert decode_only[decode_only.index("--cuda-graph-backend-prefill") + 1] == "disabled"
+    assert "--cuda-graph-backend-prefill" not in make_config(tmp_path, fake_model_dir).argv(23456)
 
     env = cfg.child_env({"PYTHONPATH": "/trainer/src", "VIRTUAL_ENV": "/trainer/.venv", "PATH": "/usr/bin",
                          "CUDA_VISIBLE_DEVICES": "0", "KEEP": "1"})
@@ -232,6 +236,88 @@ def test_restart_with_startup_adapter(tmp_path, fake_model_dir):
     finally:
         srv.stop(term_timeout_s=10)
     assert pids_in_group(srv.pid) == []
+
+
+def test_launch_returns_at_once_and_wait_ready_waits(tmp_path, fake_model_dir):
+    """launch() does not wait for health (the session overlaps server imports with its own set-up);
+    wait_ready() does, and start_s counts from the launch."""
+    srv = SGLangServer(make_config(tmp_path, fake_model_dir, extra_env={"FAKE_SGLANG_MODE": "slow_start",
+                                                                       "FAKE_SGLANG_START_DELAY": "2"}))
+    try:
+        t0 = time.monotonic()
+        assert srv.launch() is srv and srv.launched
+        assert time.monotonic() - t0 < 1.5 and not srv.client.health(timeout_s=1)
+        time.sleep(0.5)
+        assert srv.wait_ready() is srv and not srv.launched
+        assert srv.client.health() and srv.start_s >= 2.0
+    finally:
+        srv.stop(term_timeout_s=10)
+    assert pids_in_group(srv.pid) == []
+
+
+def test_wait_ready_after_launch_fails_fast_when_the_child_exits(tmp_path, fake_model_dir):
+    srv = SGLangServer(make_config(tmp_path, fake_model_dir, startup_timeout_s=60,
+                                   extra_env={"FAKE_SGLANG_MODE": "exit_at_start"}))
+    srv.launch()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ServerStartError, match="exited with code 3"):
+            srv.wait_ready()
+    finally:
+        srv.stop(term_timeout_s=5)
+    assert time.monotonic() - t0 < 15 and not srv.launched
+    assert pids_in_group(srv.pid) == []
+
+
+def test_pool_prelaunch_then_get_waits_for_the_same_server(tmp_path, fake_model_dir):
+    from fixtures.gpu import ServerPool
+
+    pool = ServerPool(make_config(tmp_path, fake_model_dir))
+    try:
+        pool.prelaunch(mem_fraction_static=0.15)
+        early = pool.servers[repr(sorted({"mem_fraction_static": 0.15}.items()))]
+        assert early.launched
+        pool.prelaunch(mem_fraction_static=0.15)  # once per config
+        assert len(pool.servers) == 1
+        srv = pool.get(mem_fraction_static=0.15)
+        assert srv is early and not srv.launched and srv.client.health()
+        assert pool.get(mem_fraction_static=0.15) is srv  # no second launch
+    finally:
+        pool.close()
+    assert pids_in_group(srv.pid) == []
+
+
+def test_pool_get_raises_the_early_launch_failure_then_retries_fresh(tmp_path, fake_model_dir):
+    from fixtures.gpu import ServerPool
+
+    cfg = make_config(tmp_path, fake_model_dir, extra_env={"FAKE_SGLANG_MODE": "exit_at_start"})
+    pool = ServerPool(cfg)
+    try:
+        pool.prelaunch()
+        with pytest.raises(ServerStartError, match="fake startup failure"):
+            pool.get()
+        assert pool.servers == {}  # the failed one is forgotten: a later get() launches anew
+        pool.base = make_config(tmp_path, fake_model_dir)
+        assert pool.get().client.health()
+    finally:
+        pool.close()
+
+
+def test_early_launch_only_for_servers_that_running_gpu_tests_use():
+    from fixtures.gpu import PLAIN_SERVER, early_server_overrides
+
+    class Item:
+        def __init__(self, names, *markers):
+            self.fixturenames, self.markers = names, set(markers)
+
+        def get_closest_marker(self, name):
+            return name if name in self.markers else None
+
+    cpu = Item(["lora_server"])  # no gpu marker: never launches a server
+    skipped = Item(["plain_server"], "gpu", "skip")
+    assert early_server_overrides([cpu, skipped]) == []
+    assert early_server_overrides([cpu, Item(["lora_server"], "gpu")]) == [{}]
+    assert early_server_overrides([Item(["plain_server", "lora_server"], "gpu")]) == [{}, PLAIN_SERVER]
 
 
 def test_bystander_still_alive(bystander):
