@@ -37,9 +37,12 @@ def sampling_json(gen_len: int, temperature: float = 1.0) -> dict:
 
 
 def generate_body(prompt: Sequence[int], gen_len: int, lora: str | None, temperature: float = 1.0) -> dict:
+    """The body a GRPO rollout sends (loop.rollout through SGLangClient): with the sampler's output logprobs,
+    which the ratio needs, so raw and harness measure the same request."""
     body = {"input_ids": [list(map(int, prompt))], "sampling_params": sampling_json(gen_len, temperature)}
     if lora is not None:
         body["lora_path"] = lora
+    body.update(return_logprob=True, logprob_start_len=-1, top_logprobs_num=0)
     return body
 
 
@@ -119,7 +122,8 @@ class RawSender:
 
 
 class HarnessSender:
-    """The reference implementation's path: SGLangClient.generate([prompt], SamplingParams(...), lora)."""
+    """The reference implementation's rollout path: SGLangClient.generate([prompt], SamplingParams(...), lora,
+    return_logprob=True), the request loop.rollout sends (GRPO needs the sampler's logprobs)."""
     path = "harness"
 
     def __init__(self, base_url: str, timeout_s: float = 600.0):
@@ -132,7 +136,8 @@ class HarnessSender:
         if not hasattr(self._local, "client"):
             self._local.client = SGLangClient(self.url, timeout_s=self.timeout_s)
         res = self._local.client.generate([prompt], SamplingParams(max_new_tokens=gen_len, temperature=temperature,
-                                                                   ignore_eos=True), lora=lora)[0]
+                                                                   ignore_eos=True), lora=lora,
+                                              return_logprob=True)[0]
         return Reply(res.prompt_tokens, res.completion_tokens, res.cached_tokens, len(res.output_ids))
 
 

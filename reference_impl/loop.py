@@ -68,7 +68,9 @@ def rollout(engine, strategy, task, cfg: LoopConfig, step: int) -> list[Rollout]
     # ... and namespaces the prefix cache by version (request_extra_key), so no prefix computed by older weights
     # can be reused even when the server could not flush its cache after the update
     extra_key = getattr(strategy, "request_extra_key", None)
-    results = engine.generate(batch, sampling, lora=lora, timeout_s=cfg.request_timeout_s,
+    # return_logprob: the sampler's own logprobs of the completion are GRPO's old logprobs. SGLang sends them
+    # only when asked; without them the trainer would have nothing to take the ratio against
+    results = engine.generate(batch, sampling, lora=lora, timeout_s=cfg.request_timeout_s, return_logprob=True,
                               **({"extra_key": extra_key} if extra_key is not None else {}))
     check = getattr(strategy, "check_result", None)
     for result in results if check else ():

@@ -100,7 +100,8 @@ def default_merge_root(need_bytes: int = 0) -> Path:
 
 
 class WeightMerger:
-    """Merges adapters into one base checkpoint; keeps the base state dict in CPU memory between merges."""
+    """Merges adapters into one base checkpoint; keeps the base state dict in CPU memory between merges, and
+    the targeted base tensors also on the merge device (CUDA: the trainer's GPU; bf16, the model's size)."""
 
     def __init__(self, base_path: str | os.PathLike, root: str | os.PathLike | None = None, keep: int = 2,
                  device: str | None = None):
@@ -123,6 +124,7 @@ class WeightMerger:
         self.root = Path(tempfile.mkdtemp(prefix="run-", dir=parent))  # own dir: concurrent runs never clash
         self._base: dict[str, dict] | None = None  # shard file name -> {tensor name: CPU tensor}
         self._written: list[Path] = []
+        self._device_base: dict[str, object] = {}  # tensor name -> base tensor on self.device (CUDA only)
 
     # -- base ----------------------------------------------------------------------------------------
     def base_state(self) -> dict[str, dict]:
@@ -130,6 +132,15 @@ class WeightMerger:
             from safetensors.torch import load_file
             self._base = {p.name: load_file(str(p), device="cpu") for p in self.shards}
         return self._base
+
+    def _on_device(self, name: str, w):
+        """The base tensor on the merge device, kept there across merges: copying the base from the CPU each
+        time (and casting it to fp32 there) was most of a merge on the GPU (~1.5 s of 2 s for a 0.6B shape)."""
+        if not self.device.startswith("cuda"):
+            return w
+        if name not in self._device_base:
+            self._device_base[name] = w.to(self.device, non_blocking=False)
+        return self._device_base[name]
 
     def _where(self) -> dict[str, str]:
         return {name: shard for shard, tensors in self.base_state().items() for name in tensors}
@@ -168,7 +179,7 @@ class WeightMerger:
         for name, ab in pairs.items():
             if set(ab) != {"A", "B"}:
                 raise MergeError(f"{adapter_dir}: {name} has lora_{''.join(ab)} but not both A and B")
-            w = self.base_state()[where[name]][name]
+            w = self._on_device(name, self.base_state()[where[name]][name])
             a = ab["A"].to(self.device, torch.float32)
             b = ab["B"].to(self.device, torch.float32)
             if (b.shape[0], a.shape[1]) != tuple(w.shape) or a.shape[0] != b.shape[1]:
@@ -213,3 +224,4 @@ class WeightMerger:
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
         self._written = []
+        self._device_base.clear()

@@ -133,6 +133,7 @@ class LoraTrainer:
             batch_tokens = float(sum(len(r.completion_ids) for r in rollouts)) if dapo else None
             mine = dist.shard(len(rollouts), group_size)
             rollouts, adv = [rollouts[i] for i in mine], adv[mine.start:mine.stop]
+        _check_sampler_logprobs(rollouts)
         self.model.train()
         logps, mask = self.completion_logprobs(rollouts, grad=True)
         old = _pad_float([r.sampler_logprobs for r in rollouts], logps.shape[1], self.device)
@@ -258,6 +259,16 @@ def _left_pad_batch(rollouts: Sequence[Rollout], device: str):
         mask[i, P - p:P + c] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), pos.to(device), P, C
+
+
+def _check_sampler_logprobs(rollouts: Sequence[Rollout]) -> None:
+    """Every completion token needs the sampler's logprob (GRPO's old logprob). A missing one would be padded
+    as 0 (probability 1): the ratio would silently become pi(token) instead of pi/pi_old."""
+    for i, r in enumerate(rollouts):
+        if len(r.sampler_logprobs) != len(r.completion_ids):
+            raise ValueError(f"rollout {i} has {len(r.sampler_logprobs)} sampler logprobs for "
+                             f"{len(r.completion_ids)} completion tokens: ask the engine for them "
+                             "(generate(..., return_logprob=True)); GRPO's ratio needs the sampler's logprobs")
 
 
 def _pad_float(rows: Sequence[Sequence[float]], width: int, device: str):

@@ -84,7 +84,7 @@ case $MODE in
       --benchmark-only -q -rs -p no:cacheprovider --results-dir "$OUT" > "$OUT/bench-sync.log" 2>&1
     echo "sync bench exit $? at ${SECONDS}s"; grep -E "passed|failed|^E  " "$OUT/bench-sync.log" | tail -8 ;;
   all4)  # one call on a 4-GPU kind, every GPU busy (device time is per machine, not per GPU), hard stop $END s:
-         # GPUs 0,1 the whole conformance suite, then GPU 0 the single-GPU step variants (restart, release/resume)
+         # GPUs 0,1 the whole conformance suite, then the single-GPU step variants: GPU 0 restart | GPU 1 release
          # GPUs 2,3 the GRPO step benchmark (split sequential, split pipelined, TRL-HF peer), then
          #   GPU 2 rollout (1.7B base + LoRA) | GPU 3 merged-vs-LoRA crossover
     END=${ALL4_END:-550}
@@ -97,8 +97,12 @@ case $MODE in
     }
     ( pytest_job conformance $((END - SECONDS - 10)) 0,1 suite -m gpu
       left=$((END - SECONDS - 10))
-      [ $left -gt 60 ] && SPLITRL_BENCH_STEP_MODEL=tiny SPLITRL_BENCH_STEPS=3 \
-        pytest_job step-single $left 0 suite/benchmarks/test_bench_step.py -k single_gpu --benchmark-only ) &
+      [ $left -gt 60 ] || exit 0
+      SPLITRL_BENCH_STEP_MODEL=tiny SPLITRL_BENCH_STEPS=3 pytest_job step-restart $left 0 \
+        suite/benchmarks/test_bench_step.py -k single_gpu_restart --benchmark-only &
+      SPLITRL_BENCH_STEP_MODEL=tiny SPLITRL_BENCH_STEPS=3 pytest_job step-release $left 1 \
+        suite/benchmarks/test_bench_step.py -k single_gpu_release --benchmark-only &
+      wait ) &
     PC=$!
     SPLITRL_BENCH_STEP_MODEL=$STEP_MODEL SPLITRL_BENCH_STEPS=6 \
       pytest_job step-split ${ALL4_STEP_S:-240} 2,3 suite/benchmarks/test_bench_step.py -k "split or trl" --benchmark-only
@@ -111,7 +115,7 @@ case $MODE in
     PM=$!
     wait $PR $PM $PC
     grep -E "^(FAILED|XFAIL|ERROR)" "$OUT/logs/conformance.log" | cut -c1-400 | tail -12
-    for d in conformance step-single step-split rollout merged; do
+    for d in conformance step-restart step-release step-split rollout merged; do
       for f in "$OUT/$d"/*.csv; do [ -f "$f" ] && mv "$f" "$OUT/$d-$(basename "$f")"; done
       [ -d "$OUT/$d/logs" ] && mv "$OUT/$d/logs" "$OUT/logs/$d"  # server logs come back in the tarball
       rm -rf "$OUT/${d:?}"

@@ -156,7 +156,7 @@ def merged_rows(shape: str, mode: str, samples: dict, rollout_tokens: int, info:
     """Median rows per (strategy, rank) after the warm-up sample, then the crossover per rank."""
     rows, medians = [], {}
     common = {"concurrency": CONCURRENCY, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN, "modules": "all-linear",
-              "servers": SERVERS}
+              "servers": SERVERS, "logprobs": 1}  # rollouts ask for the sampler's logprobs, as GRPO's do
     for (strategy, rank), runs in samples.items():
         measured = runs[1:] if len(runs) > 1 else runs
         if not measured:

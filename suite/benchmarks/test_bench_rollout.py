@@ -94,7 +94,8 @@ def test_rollout_throughput(benchmark, shape, variant, concurrency, server_slot,
     base = row_base(f"rollout_{variant}", shape, mode=bench_plan.mode)
     params = {"concurrency": concurrency, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN,
               "lora": LORA_RANK if variant == "lora" else "base", "mem_fraction": mem_fraction,
-              "prefill_graphs": int(PREFILL_GRAPHS and variant == "base")}
+              "prefill_graphs": int(PREFILL_GRAPHS and variant == "base"),
+              "logprobs": 1}  # both paths ask for the sampler's output logprobs, as a GRPO rollout does
     spec = LoadSpec(concurrency, PROMPT_LEN, GEN_LEN, lora=ADAPTER if variant == "lora" else None,
                     lora_rank=LORA_RANK, requests_per_slot=REQUESTS_PER_SLOT)
     indices = [g.index for g in bench_plan.inference]
@@ -114,7 +115,7 @@ def test_rollout_throughput(benchmark, shape, variant, concurrency, server_slot,
     assert not problems, f"{len(problems)} replies with unexpected token counts: {problems[:5]}"
     rows = load_rows(base, spec, measured, model_config=model_config, gpu_name=bench_plan.inference[0].name,
                      n_gpus=bench_plan.tp_size, token_capacity=capacity, max_running=max_running,
-                     extra_params={"mem_fraction": mem_fraction, "prefill_graphs": params["prefill_graphs"]})
+                     extra_params={k: params[k] for k in ("mem_fraction", "prefill_graphs", "logprobs")})
     if started:  # the server was launched for this case: its launch-to-healthy time is a number too
         rows += scalar_rows(base, {"server_start_s": srv.start_s}, {"mem_fraction": mem_fraction,
                                                                    "lora": params["lora"], "cuda_graphs": True})

@@ -5,6 +5,8 @@ Environment (defaults in brackets):
   SPLITRL_BENCH_STEPS         [5]     GRPO steps per variant
   SPLITRL_BENCH_STEP_PROMPTS  [4]     prompts per step     SPLITRL_BENCH_STEP_GROUP [8]  group size
   SPLITRL_BENCH_STEP_GEN_LEN  [64]    max new tokens (ignore_eos; TRL: min_new_tokens = max)
+  SPLITRL_BENCH_STEP_CUDA_GRAPHS [1]  SGLang decode CUDA graphs on the benchmark servers (as deployed; without
+                                      them a 0.6B decode step is CPU-launch bound: ~25 ms on an H200)
 
 Variants: split (inference GPU(s) + training GPU, hot reload), split_pipelined (the same split with rollouts of
 step n+1 overlapping training of step n: reference_impl.pipeline, max staleness 1, decoupled off-policy
@@ -40,6 +42,7 @@ LOOP = LoopConfig(steps=env_int("SPLITRL_BENCH_STEPS", 5), prompts_per_step=env_
                   group_size=env_int("SPLITRL_BENCH_STEP_GROUP", 8),
                   max_new_tokens=env_int("SPLITRL_BENCH_STEP_GEN_LEN", 64))
 RANK, ALPHA, LR = 16, 32, 2e-2
+CUDA_GRAPHS = bool(env_int("SPLITRL_BENCH_STEP_CUDA_GRAPHS", 1))
 POOL = LoraPoolConfig(max_rank=RANK, target_modules=ALL_LINEAR, max_loras_per_batch=4, max_loaded_loras=8)
 OWN_MEM_FRACTION = 0.3  # leaves room for the trainer (single GPU) or the session lora_server (split)
 # variant -> step time, for the step_time_ratio rows at the end: the whole-run wall per step (the variant that
@@ -74,7 +77,7 @@ def step_time_ratios(results_writer):
 
 def _params() -> dict:
     return {"steps": LOOP.steps, "prompts": LOOP.prompts_per_step, "group_size": LOOP.group_size,
-            "max_new_tokens": LOOP.max_new_tokens, "rank": RANK, "lr": LR}
+            "max_new_tokens": LOOP.max_new_tokens, "rank": RANK, "lr": LR, "cuda_graphs": int(CUDA_GRAPHS)}
 
 
 def _run_variant(benchmark, results_writer, model, engine, strategy, name: str, mode: str, gpus: list[int],
@@ -132,7 +135,8 @@ def _run_variant(benchmark, results_writer, model, engine, strategy, name: str, 
 def _single_gpu_config(server_pool, bench_plan, model, **changes):
     """The server on the first TRAINING GPU: the trainer (this process, cuda:0) and SGLang share it."""
     return dataclasses.replace(server_pool.base, model_path=str(model.path), gpu_ids=str(bench_plan.training[0].index),
-                               tp_size=1, lora=POOL, mem_fraction_static=OWN_MEM_FRACTION, **changes)
+                               tp_size=1, lora=POOL, mem_fraction_static=OWN_MEM_FRACTION, cuda_graphs=CUDA_GRAPHS,
+                               **changes)
 
 
 @pytest.mark.gpus(1)
@@ -180,7 +184,8 @@ def test_step_split(benchmark, server_slot, bench_plan, step_model, results_writ
 
     if bench_plan.mode != "split":
         pytest.skip(f"GPU plan is {bench_plan.mode!r}, not split: pass --inference-gpus/--training-gpus apart")
-    srv = server_slot.get(model_path=str(step_model.path), lora=POOL, mem_fraction_static=OWN_MEM_FRACTION)
+    srv = server_slot.get(model_path=str(step_model.path), lora=POOL, mem_fraction_static=OWN_MEM_FRACTION,
+                          cuda_graphs=CUDA_GRAPHS)
     strategy = HotReload(srv.client)
     gpus = [g.index for g in bench_plan.inference + bench_plan.training]
     try:

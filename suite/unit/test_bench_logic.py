@@ -74,7 +74,9 @@ def test_prompts_are_seeded_in_range_and_new_each_round():
 def test_raw_body_equals_what_the_client_sends():
     sp = SamplingParams(max_new_tokens=9, temperature=1.0, ignore_eos=True).as_json()
     assert sampling_json(9) == sp
-    assert generate_body([5, 6], 9, "a1") == {"input_ids": [[5, 6]], "sampling_params": sp, "lora_path": "a1"}
+    logprobs = {"return_logprob": True, "logprob_start_len": -1, "top_logprobs_num": 0}  # GRPO's old logprobs
+    assert generate_body([5, 6], 9, "a1") == {"input_ids": [[5, 6]], "sampling_params": sp, "lora_path": "a1",
+                                               **logprobs}
     assert "lora_path" not in generate_body([5, 6], 9, None)
 
 

@@ -340,3 +340,15 @@ def test_training_step_changes_the_adapter_and_batched_logprobs_match_a_plain_fo
         assert mask[i].tolist() == [1.0] * c + [0.0] * (width - c)
         got = logps[i, :c].tolist()
         assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4, (i, got, want)
+
+
+def test_train_step_refuses_rollouts_without_the_samplers_logprobs(trainer):
+    """A rollout whose engine was not asked for logprobs has none: padding them as 0 would turn the GRPO ratio
+    into pi(token) (found on the GPU: SGLang sends output logprobs only with return_logprob)."""
+    rolls = _ragged_rollouts(seed=3)
+    rolls[2].sampler_logprobs = []
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    with pytest.raises(ValueError, match="rollout 2 has 0 sampler logprobs for 6 completion tokens"):
+        trainer.train_step(rolls, group_size=2)
+    after = dict(trainer.model.named_parameters())
+    assert all(torch.equal(v, after[n].detach()) for n, v in lora.items()), "the refused step moved the adapter"

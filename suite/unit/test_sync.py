@@ -188,6 +188,25 @@ def test_loop_names_the_current_adapter_on_every_rollout(client, state, tmp_path
     assert all(r.output_tokens == 2 * 3 * 4 and r.sync_ms > 0 for r in records)
 
 
+def test_rollout_carries_the_samplers_logprobs_from_the_server(client, state, tmp_path):
+    """SGLang returns output logprobs only when asked: the rollout asks, and each sample keeps exactly the
+    server's logprobs of its completion (GRPO's old logprobs)."""
+    bodies = []
+    original = state.generate
+
+    def recording(body):
+        bodies.append(body)
+        return original(body)
+
+    state.generate = recording
+    strategy = HotReload(client)
+    strategy.publish(0, str(AdapterTrainer(tmp_path / "adapters").save_adapter("policy-v0")))
+    rolls = rollout(client, strategy, CountTask(), LoopConfig(prompts_per_step=2, group_size=3, max_new_tokens=5), 0)
+    assert bodies and all(b.get("return_logprob") is True for b in bodies)
+    assert all(len(r.sampler_logprobs) == len(r.completion_ids) == 5 for r in rolls)
+    assert all(lp < 0 for r in rolls for lp in r.sampler_logprobs)
+
+
 # ---------------------------------------------------------------- restart (child process)
 
 def restart_server(tmp_path, model_dir, **kw) -> SGLangServer:
