@@ -2,6 +2,7 @@
 # One call on a lent GPU machine (offline): install the device kit, then run the GPU work of one session.
 #
 #   bash scripts/device_session.sh all4     # a 4-GPU kind: conformance + every benchmark at once (one call)
+#   bash scripts/device_session.sh confirm4 # a 4-GPU kind: conformance + GRPO step variants (split, single-GPU)
 #   bash scripts/device_session.sh conformance  # pytest suite -m gpu alone (2 GPUs: split; 1 GPU: fallback)
 #   bash scripts/device_session.sh split    # 2 GPUs: conformance + run/control
 #   bash scripts/device_session.sh single    # 1 GPU: conformance + restart/release
@@ -11,7 +12,7 @@
 # Needs .gpu-kit/ (bash ../shared/device-kit/build.sh .gpu-kit) carried with the call. Everything lands in $OUT
 # (at most 8 files come back: server logs are packed into one tarball).
 set -u
-MODE=${1:?all4|bench-1gpu|conformance|split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
+MODE=${1:?all4|confirm4|bench-1gpu|conformance|split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
 OUT=${OUT:-/tmp/splitrl-out}; mkdir -p "$OUT"
 PREFIX=/tmp/splitrl
 if [ -x "$PREFIX/train-venv/bin/python" ] && [ -x "$PREFIX/sglang-venv/bin/python" ]; then
@@ -37,6 +38,20 @@ splitrl_run() {  # name, then `splitrl run` args
   timeout 480 $PY -m reference_impl.cli run --results "$OUT/run-$name.csv" --log-dir "$OUT/logs" "$@" \
     > "$OUT/run-$name.log" 2>&1
   echo "run $name: exit $? | $(tail -1 "$OUT/run-$name.log")"
+}
+
+pytest_job() {  # name, timeout s, CUDA_VISIBLE_DEVICES, pytest args: one bounded job, its CSV dir $OUT/name
+  local name=$1 t=$2 cvd=$3; shift 3
+  CUDA_VISIBLE_DEVICES=$cvd timeout "$t" $PY -m pytest "$@" -q -rs -p no:cacheprovider --failures-now \
+    --results-dir "$OUT/$name" > "$OUT/logs/$name.log" 2>&1
+  echo "$name exit $? at ${SECONDS}s: $(grep -E "passed|failed" "$OUT/logs/$name.log" | tail -1)"
+}
+collect_jobs() {  # each job's CSV to $OUT/<job>-<file>.csv, its server logs into the tarball
+  for d in "$@"; do
+    for f in "$OUT/$d"/*.csv; do [ -f "$f" ] && mv "$f" "$OUT/$d-$(basename "$f")"; done
+    [ -d "$OUT/$d/logs" ] && mv "$OUT/$d/logs" "$OUT/logs/$d"
+    rm -rf "$OUT/${d:?}"
+  done
 }
 
 case $MODE in
@@ -89,12 +104,6 @@ case $MODE in
          #   GPU 2 rollout (1.7B base + LoRA) | GPU 3 merged-vs-LoRA crossover
     END=${ALL4_END:-550}
     STEP_MODEL=${ALL4_STEP_MODEL:-qwen3-0.6b}
-    pytest_job() {  # name, timeout s, CUDA_VISIBLE_DEVICES, pytest args: one bounded job, its CSV dir $OUT/name
-      local name=$1 t=$2 cvd=$3; shift 3
-      CUDA_VISIBLE_DEVICES=$cvd timeout "$t" $PY -m pytest "$@" -q -rs -p no:cacheprovider --failures-now \
-        --results-dir "$OUT/$name" > "$OUT/logs/$name.log" 2>&1
-      echo "$name exit $? at ${SECONDS}s: $(grep -E "passed|failed" "$OUT/logs/$name.log" | tail -1)"
-    }
     ( pytest_job conformance $((END - SECONDS - 10)) 0,1 suite -m gpu
       left=$((END - SECONDS - 10))
       [ $left -gt 60 ] || exit 0
@@ -115,11 +124,22 @@ case $MODE in
     PM=$!
     wait $PR $PM $PC
     grep -E "^(FAILED|XFAIL|ERROR)" "$OUT/logs/conformance.log" | cut -c1-400 | tail -12
-    for d in conformance step-restart step-release step-split rollout merged; do
-      for f in "$OUT/$d"/*.csv; do [ -f "$f" ] && mv "$f" "$OUT/$d-$(basename "$f")"; done
-      [ -d "$OUT/$d/logs" ] && mv "$OUT/$d/logs" "$OUT/logs/$d"  # server logs come back in the tarball
-      rm -rf "$OUT/${d:?}"
-    done ;;
+    collect_jobs conformance step-restart step-release step-split rollout merged ;;
+  confirm4)  # a 4-GPU kind, hard stop $END s: GPUs 0,1 the whole conformance suite | GPUs 2,3 the GRPO step
+             # benchmark (split, pipelined, TRL-HF), then GPU 2 single-GPU restart | GPU 3 single-GPU release
+    END=${ALL4_END:-520}
+    pytest_job conformance $((END - SECONDS - 10)) 0,1 suite -m gpu &
+    PC=$!
+    SPLITRL_BENCH_STEP_MODEL=${ALL4_STEP_MODEL:-qwen3-0.6b} SPLITRL_BENCH_STEPS=6 \
+      pytest_job step-split ${ALL4_STEP_S:-290} 2,3 suite/benchmarks/test_bench_step.py -k "split or trl" --benchmark-only
+    grep -E "step_time_ratio" "$OUT/logs/step-split.log" | tail -6
+    SPLITRL_BENCH_STEP_MODEL=tiny SPLITRL_BENCH_STEPS=3 pytest_job step-restart $((END - SECONDS - 10)) 2 \
+      suite/benchmarks/test_bench_step.py -k single_gpu_restart --benchmark-only &
+    SPLITRL_BENCH_STEP_MODEL=tiny SPLITRL_BENCH_STEPS=3 pytest_job step-release $((END - SECONDS - 10)) 3 \
+      suite/benchmarks/test_bench_step.py -k single_gpu_release --benchmark-only &
+    wait
+    grep -E "^(FAILED|XFAIL|ERROR)" "$OUT/logs/conformance.log" | cut -c1-400 | tail -12
+    collect_jobs conformance step-split step-restart step-release ;;
   bench-sync-step)  # hot reload by rank, restart cold/warm, release/resume, GRPO step breakdown + TRL-HF peer
     SPLITRL_BENCH_STEPS=${SPLITRL_BENCH_STEPS:-3} SPLITRL_BENCH_SYNC_ROUNDS=${SPLITRL_BENCH_SYNC_ROUNDS:-5} \
     timeout 540 $PY -m pytest suite/benchmarks/test_bench_sync.py suite/benchmarks/test_bench_step.py \

@@ -138,3 +138,33 @@ def test_merged_crossover_body_on_the_fake(pool, plan, writer, tmp_path_factory,
     crossover = df[df["metric"] == "crossover_tokens_per_step"]
     assert len(crossover) == 1 and json.loads(crossover["params"].iloc[0])["rank"] == 8
     assert "crossover_reason[r8]" in bench.extra_info
+
+
+def test_step_time_ratios_are_written_once_as_soon_as_both_variants_ran():
+    """A step benchmark cut off by its time bound keeps the ratios of the pairs that already ran."""
+    from . import test_bench_step as step
+
+    class Writer:
+        rows: list = []
+
+        def append(self, rows):
+            self.rows += rows
+
+    w = Writer()
+    for d in (step.WALL_PER_STEP_S, step.STEADY_STEP_S):
+        d.clear()
+    step.RATIOS_WRITTEN.clear()
+    step.WALL_PER_STEP_S.update(trl_peer=8.0)
+    step.STEADY_STEP_S.update(trl_peer=6.0)
+    step.write_new_ratios(w)
+    assert w.rows == []
+    step.WALL_PER_STEP_S.update(split=4.0)
+    step.STEADY_STEP_S.update(split=1.5)
+    step.write_new_ratios(w)
+    step.write_new_ratios(w)  # nothing new: nothing written twice
+    got = {(r.params["numerator"], r.params["denominator"], r.params["stat"]): r.value for r in w.rows}
+    assert got == {("split", "trl_peer", "wall_per_step"): 0.5, ("split", "trl_peer", "median_after_first"): 0.25}
+    step.WALL_PER_STEP_S.update(split_pipelined=2.0)
+    step.STEADY_STEP_S.update(split_pipelined=0.75)
+    step.write_new_ratios(w)
+    assert len(w.rows) == 6 and {r.metric for r in w.rows} == {"step_time_ratio"}

@@ -17,8 +17,8 @@ step=k) and summaries: step_s/rollout_s/train_s/sync_ms with stat=median_after_f
 first-use compile: the warm-up), and step_s with stat=wall_per_step (whole run wall / steps; TRL's
 train_runtime / steps). The loop runs once (pedantic rounds=1, no warm-up round: step 0 is the warm-up).
 Each variant also gets gpu_busy_ratio / gpu_active_ratio per GPU (params gpu=i: NVML utilisation sampled over
-the run, metrics.UtilizationSampler), and at the module's end the step_time_ratios fixture writes step_time_ratio rows
-(split_pipelined/split, split_pipelined/trl_peer, split/trl_peer; wall per step) from the variants that ran.
+the run, metrics.UtilizationSampler), and step_time_ratio rows (split_pipelined/split, split_pipelined/trl_peer,
+split/trl_peer; wall per step and median after first) are written as soon as both variants of a pair have run.
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ OWN_MEM_FRACTION = 0.3  # leaves room for the trainer (single GPU) or the sessio
 # runs first also pays Unsloth's first-use compile, ~15 s on an H200) and the steady state (median after step 0)
 WALL_PER_STEP_S: dict[str, float] = {}
 STEADY_STEP_S: dict[str, float] = {}
+RATIOS_WRITTEN: set[tuple[str, str, str]] = set()
 SUMMARY = ("rollout_s", "train_s", "sync_ms", "step_s", "restart_s", "release_s", "resume_s", "released_mib")
 
 
@@ -59,18 +60,25 @@ def step_model():
 
 @pytest.fixture(scope="module", autouse=True)
 def step_time_ratios(results_writer):
-    """After the module's variants: step_time_ratio rows from the wall per step of those that ran. A fixture,
-    not a test, so `--benchmark-only` (which skips tests without the benchmark fixture) still writes them. Set up
+    """Clears the step times at the module's start; write_new_ratios() adds each step_time_ratio row as soon as
+    both of its variants have run (a run cut off by a time bound keeps the ratios it already had). A fixture,
+    not a test, so `--benchmark-only` (which skips tests without the benchmark fixture) still runs it. Set up
     only when a GPU test of this module runs (the gpu skip comes first)."""
     WALL_PER_STEP_S.clear()
     STEADY_STEP_S.clear()
+    RATIOS_WRITTEN.clear()
     yield
+
+
+def write_new_ratios(results_writer) -> None:
     base = row_base("step_summary", os.path.basename(STEP_MODEL), mode="summary", strategy="ratio")
     rows = (step_time_ratio_rows(base, WALL_PER_STEP_S, _params())
             + step_time_ratio_rows(base, STEADY_STEP_S, _params(), stat="median_after_first"))
-    if rows:
-        results_writer.append(rows)
-    for r in rows:
+    new = [r for r in rows if (r.params["numerator"], r.params["denominator"], r.params["stat"]) not in RATIOS_WRITTEN]
+    if new:
+        results_writer.append(new)
+    for r in new:
+        RATIOS_WRITTEN.add((r.params["numerator"], r.params["denominator"], r.params["stat"]))
         print(f"\nstep_time_ratio {r.params['numerator']}/{r.params['denominator']} ({r.params['stat']}) "
               f"= {r.value:.3f}")
 
@@ -126,6 +134,7 @@ def _run_variant(benchmark, results_writer, model, engine, strategy, name: str, 
     results_writer.append(rows)
     WALL_PER_STEP_S[name] = out["wall_s"] / LOOP.steps
     STEADY_STEP_S[name] = summary["step_s"]
+    write_new_ratios(results_writer)
     benchmark.extra_info.update(summary, wall_per_step_s=out["wall_s"] / LOOP.steps,
                                 rewards=[r.reward for r in records], trainer=backend,
                                 staleness=[r.staleness_max for r in records])
@@ -171,6 +180,7 @@ def test_step_trl_peer(benchmark, bench_plan, step_model, results_writer, tmp_pa
     results_writer.append(rows)
     WALL_PER_STEP_S["trl_peer"] = run.wall_per_step_s
     STEADY_STEP_S["trl_peer"] = stat_values({"step_s": later})["step_s"]
+    write_new_ratios(results_writer)
     benchmark.extra_info.update(step_times_s=run.step_times_s, wall_per_step_s=run.wall_per_step_s,
                                 rewards=run.rewards, completion_mean_len=run.completion_mean_len)
     assert run.steps == LOOP.steps

@@ -269,38 +269,70 @@ def test_wait_ready_after_launch_fails_fast_when_the_child_exits(tmp_path, fake_
     assert pids_in_group(srv.pid) == []
 
 
-def test_pool_prelaunch_then_get_waits_for_the_same_server(tmp_path, fake_model_dir):
+def test_pool_early_starts_run_one_after_another_and_get_waits_for_them(tmp_path, fake_model_dir):
+    """Two early configs: the second is launched only once the first is healthy (side-by-side launches starve
+    each other's KV pool on one GPU); get() returns the server started early, once."""
     from fixtures.gpu import ServerPool
 
-    pool = ServerPool(make_config(tmp_path, fake_model_dir))
+    events = []
+
+    class Recording(SGLangServer):
+        def launch(self):
+            events.append(("launch", self.config.mem_fraction_static))
+            return super().launch()
+
+        def wait_ready(self):
+            super().wait_ready()
+            events.append(("ready", self.config.mem_fraction_static))
+            return self
+
+    pool = ServerPool(make_config(tmp_path, fake_model_dir, extra_env={"FAKE_SGLANG_MODE": "slow_start",
+                                                                      "FAKE_SGLANG_START_DELAY": "1.5"}), Recording)
     try:
+        pool.prelaunch()
         pool.prelaunch(mem_fraction_static=0.15)
-        early = pool.servers[repr(sorted({"mem_fraction_static": 0.15}.items()))]
-        assert early.launched
         pool.prelaunch(mem_fraction_static=0.15)  # once per config
-        assert len(pool.servers) == 1
-        srv = pool.get(mem_fraction_static=0.15)
-        assert srv is early and not srv.launched and srv.client.health()
-        assert pool.get(mem_fraction_static=0.15) is srv  # no second launch
+        assert len(pool._early) == 2
+        second = pool.get(mem_fraction_static=0.15)
+        first = pool.get()
+        assert second.client.health() and first.client.health() and first.port != second.port
+        base = first.config.mem_fraction_static
+        assert events == [("launch", base), ("ready", base), ("launch", 0.15), ("ready", 0.15)], events
+        assert pool.get(mem_fraction_static=0.15) is second and len(pool.servers) == 2  # no second launch
     finally:
         pool.close()
-    assert pids_in_group(srv.pid) == []
+    assert pids_in_group(first.pid) == [] and pids_in_group(second.pid) == []
 
 
-def test_pool_get_raises_the_early_launch_failure_then_retries_fresh(tmp_path, fake_model_dir):
+def test_pool_get_raises_the_early_start_failure_then_starts_fresh(tmp_path, fake_model_dir):
     from fixtures.gpu import ServerPool
 
-    cfg = make_config(tmp_path, fake_model_dir, extra_env={"FAKE_SGLANG_MODE": "exit_at_start"})
-    pool = ServerPool(cfg)
+    pool = ServerPool(make_config(tmp_path, fake_model_dir, extra_env={"FAKE_SGLANG_MODE": "exit_at_start"}))
     try:
         pool.prelaunch()
         with pytest.raises(ServerStartError, match="fake startup failure"):
             pool.get()
-        assert pool.servers == {}  # the failed one is forgotten: a later get() launches anew
+        assert pool.servers == {} and pool._early == {}  # forgotten: a later get() starts anew
         pool.base = make_config(tmp_path, fake_model_dir)
         assert pool.get().client.health()
     finally:
         pool.close()
+
+
+def test_pool_close_stops_a_server_still_starting(tmp_path, fake_model_dir):
+    from fixtures.gpu import ServerPool
+
+    pool = ServerPool(make_config(tmp_path, fake_model_dir, startup_timeout_s=120,
+                                  extra_env={"FAKE_SGLANG_MODE": "slow_start", "FAKE_SGLANG_START_DELAY": "1000"}))
+    pool.prelaunch()
+    srv = next(iter(pool._starting.values()))
+    deadline = time.monotonic() + 10
+    while srv.process is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = srv.pid
+    t0 = time.monotonic()
+    pool.close()
+    assert time.monotonic() - t0 < 30 and pids_in_group(pid) == [] and not alive(pid)
 
 
 def test_early_launch_only_for_servers_that_running_gpu_tests_use():
