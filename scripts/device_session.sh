@@ -133,7 +133,7 @@ case $MODE in
     SPLITRL_BENCH_STEP_MODEL=${ALL4_STEP_MODEL:-qwen3-0.6b} SPLITRL_BENCH_STEPS=6 \
       pytest_job step-split ${ALL4_STEP_S:-290} 2,3 suite/benchmarks/test_bench_step.py -k "split or trl" --benchmark-only
     grep -E "step_time_ratio" "$OUT/logs/step-split.log" | tail -6
-    SPLITRL_BENCH_STEP_MODEL=tiny SPLITRL_BENCH_STEPS=3 pytest_job step-restart $((END - SECONDS - 10)) 2 \
+    SPLITRL_BENCH_STEP_MODEL=tiny SPLITRL_BENCH_STEPS=${ALL4_RESTART_STEPS:-3} pytest_job step-restart $((END - SECONDS - 10)) 2 \
       suite/benchmarks/test_bench_step.py -k single_gpu_restart --benchmark-only &
     SPLITRL_BENCH_STEP_MODEL=tiny SPLITRL_BENCH_STEPS=3 pytest_job step-release $((END - SECONDS - 10)) 3 \
       suite/benchmarks/test_bench_step.py -k single_gpu_release --benchmark-only &
