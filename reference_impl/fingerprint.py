@@ -156,9 +156,14 @@ def _version_via(python: str | None, dist: str) -> str:
 
 
 def _git_sha(project_dir: Path) -> str:
+    # A copy shipped to a GPU node may carry no .git, or a stale one (seen: the device copy reported the
+    # session's first commit, dirty): the sender, who knows the commit, says it with SPLITRL_GIT_SHA
+    sent = os.environ.get("SPLITRL_GIT_SHA", "").strip()
+    if sent:
+        return sent
     sha = _git(project_dir, "rev-parse", "--short", "HEAD")
-    if sha is None:  # a copy without .git (e.g. shipped to a GPU node): the sender can say which commit
-        return os.environ.get("SPLITRL_GIT_SHA", "")
+    if sha is None:
+        return ""
     status = _git(project_dir, "status", "--porcelain")
     return f"{sha}-dirty" if status else sha
 

@@ -285,6 +285,16 @@ def test_fingerprint_on_this_machine():
     assert "gpu_count" in format_fingerprint(fp)
 
 
+def test_git_sha_named_by_the_sender_wins_over_a_copys_git(monkeypatch, tmp_path):
+    """A copy shipped to a GPU node can carry a stale .git: SPLITRL_GIT_SHA, when set, is the commit that ran."""
+    from reference_impl.fingerprint import _git_sha
+
+    monkeypatch.setenv("SPLITRL_GIT_SHA", "60abdf3")
+    assert _git_sha(tmp_path) == "60abdf3"
+    monkeypatch.delenv("SPLITRL_GIT_SHA")
+    assert _git_sha(tmp_path) == ""  # no .git there and nothing sent
+
+
 def test_fingerprint_uses_given_gpus():
     @dataclass
     class Gpu:
