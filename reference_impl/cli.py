@@ -6,6 +6,7 @@
     splitrl run --model tiny --steps 30 [--strategy auto|hot-reload|restart|release-resume|merged] [--no-sync]
                 [--pipeline [--max-staleness 1] [--tis-cap 2.0]]
     splitrl compare results/*.csv [--baseline LABEL] [--plot out.png] [--label-by device|file|backend]
+                    [--metric NAME ...] [--ignore-param NAME ...]
 """
 from __future__ import annotations
 
@@ -105,7 +106,8 @@ def cmd_run(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import main_compare
-    return main_compare(args.csv, baseline=args.baseline, plot_path=args.plot, label_by=args.label_by)
+    return main_compare(args.csv, baseline=args.baseline, plot_path=args.plot, label_by=args.label_by,
+                        metrics=args.metric, ignore_params=args.ignore_param)
 
 
 def _gpu_args(p: argparse.ArgumentParser) -> None:
@@ -164,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline")
     p.add_argument("--plot")
     p.add_argument("--label-by", default="device", choices=["device", "file", "backend"])
+    p.add_argument("--metric", action="append", help="only this metric (repeatable)")
+    p.add_argument("--ignore-param", action="append",
+                   help="drop this parameter before matching rows across files (repeatable), e.g. mem_fraction")
     p.set_defaults(fn=cmd_compare)
     return ap
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -16,16 +17,21 @@ MAX_PLOT_ROWS = 40
 
 
 def compare(
-    paths, baseline: str | None = None, label_by: str = "device", metrics: list[str] | None = None
+    paths, baseline: str | None = None, label_by: str = "device", metrics: list[str] | None = None,
+    ignore_params: list[str] | None = None,
 ) -> pd.DataFrame:
     """One row per (suite, test, model, params, metric); one median column per label,
-    then `<label>/<baseline>` ratio columns. df.attrs holds 'labels' and 'baseline'."""
+    then `<label>/<baseline>` ratio columns. df.attrs holds 'labels', 'baseline' and 'ignored_params'.
+    ignore_params: parameter names dropped before grouping, so runs that differ only there line up (say so
+    wherever the table is shown: the rows then mix those settings)."""
     paths = [str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if baseline and Path(baseline).is_file() and not _same_file_listed(baseline, paths):
         paths.append(baseline)  # `--baseline old.csv` compares against a file not listed
     df = read_results(paths)
     if metrics:
         df = df[df["metric"].isin(metrics)]
+    if ignore_params:
+        df = df.assign(params=df["params"].map(lambda text: _without(text, ignore_params)))
     df = df.assign(label=_labels(df, label_by))
     labels = list(dict.fromkeys(df["label"]))  # first-seen order, so the first file comes first
     base = _resolve_baseline(df, labels, baseline, paths)
@@ -41,8 +47,13 @@ def compare(
             table[f"{label}/{base}"] = ratio.where(ratio.abs() != math.inf)  # x/0 is no ratio
     order = [key for key in GROUP_KEYS if key != "params"]
     table = table.reset_index().sort_values(order, kind="stable", ignore_index=True)
-    table.attrs.update(labels=labels, baseline=base)
+    table.attrs.update(labels=labels, baseline=base, ignored_params=list(ignore_params or []))
     return table
+
+
+def _without(params_json: str, names) -> str:
+    params = json.loads(params_json)
+    return json.dumps({k: v for k, v in params.items() if k not in names}, sort_keys=True, separators=(",", ":"))
 
 
 def _labels(df: pd.DataFrame, label_by: str) -> pd.Series:
@@ -141,25 +152,38 @@ def _plot_family(ax, rows: pd.DataFrame, labels: list[str], family: str) -> None
         # inf (e.g. a crossover that never happens) has no bar length: drawn as no bar, the table says inf
         ax.barh(offsets, rows[label].replace([math.inf, -math.inf], math.nan), height=bar_height, label=label)
     ax.set_yticks([p + 0.4 - bar_height / 2 for p in positions])
-    ax.set_yticklabels([_row_name(r) for _, r in rows.iterrows()], fontsize=7)
+    shared = _shared_params(rows) if len(rows) > 1 else frozenset()
+    ax.set_yticklabels([_row_name(r, shared) for _, r in rows.iterrows()], fontsize=7)
     ax.invert_yaxis()  # table order, top to bottom
     ax.set_xlabel(family)
     ax.legend(fontsize=7, loc="lower right")
 
 
-def _row_name(row: pd.Series) -> str:
-    params = row["params"] if row["params"] != "{}" else ""
-    name = f"{row['test']} {row['metric']} {params}".strip()
+def _row_name(row: pd.Series, shared: frozenset = frozenset()) -> str:
+    """Test, model, metric and the params that tell this row apart (those equal on every plotted row left out:
+    a label cut at 70 characters would otherwise lose exactly the distinguishing ones)."""
+    params = {k: v for k, v in json.loads(row["params"]).items() if (k, json.dumps(v)) not in shared}
+    text = ",".join(f"{k}={v}" for k, v in params.items())
+    name = f"{row['test']} {row['model']} {row['metric']} {text}".strip()
     return name if len(name) <= 70 else name[:67] + "..."
 
 
-def main_compare(argv_paths, baseline=None, plot_path=None, label_by="device") -> int:
+def _shared_params(rows: pd.DataFrame) -> frozenset:
+    """(key, value) pairs every row's params has."""
+    pairs = [{(k, json.dumps(v)) for k, v in json.loads(p).items()} for p in rows["params"]]
+    return frozenset(set.intersection(*pairs)) if pairs else frozenset()
+
+
+def main_compare(argv_paths, baseline=None, plot_path=None, label_by="device", metrics=None,
+                 ignore_params=None) -> int:
     """CLI entry: print the table (and write the plot); 2 on unreadable input."""
     try:
-        df = compare(argv_paths, baseline=baseline, label_by=label_by)
+        df = compare(argv_paths, baseline=baseline, label_by=label_by, metrics=metrics, ignore_params=ignore_params)
     except (CsvFormatError, ValueError, OSError) as error:
         print(_one_line(error), file=sys.stderr)
         return 2
+    if ignore_params:
+        print(f"params ignored (rows mix their values): {', '.join(ignore_params)}")
     print(format_table(df))
     if plot_path:
         plot(df, plot_path)

@@ -85,6 +85,22 @@ def test_compare_medians_and_ratios(two_machines):
     assert "decode_tok_s" in table and "1.500x" in table and "-" in table
 
 
+def test_compare_ignoring_a_param_lines_up_runs_that_differ_only_there(tmp_path, capsys):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    ResultsWriter(a, fingerprint=fingerprint("nvidia-h100-x4")).append(
+        decode_rows([100], batch=8, mem_fraction=0.25) + decode_rows([7], metric="ttft_ms", batch=8))
+    ResultsWriter(b, fingerprint=fingerprint("nvidia-h200-x4", "NVIDIA H200")).append(
+        decode_rows([150], batch=8, mem_fraction=0.5))
+    apart = compare([a, b])
+    assert len(apart[apart["metric"] == "decode_tok_s"]) == 2  # different params: two half-empty rows
+    together = compare([a, b], ignore_params=["mem_fraction"], metrics=["decode_tok_s"])
+    assert len(together) == 1 and together["params"].iloc[0] == '{"batch":8}'
+    assert together["nvidia-h200-x4/nvidia-h100-x4"].iloc[0] == pytest.approx(1.5)
+    assert together.attrs["ignored_params"] == ["mem_fraction"]
+    assert main_compare([str(a), str(b)], ignore_params=["mem_fraction"]) == 0
+    assert "params ignored (rows mix their values): mem_fraction" in capsys.readouterr().out
+
+
 def test_compare_baseline_by_label_or_file_and_other_label_modes(two_machines):
     h100, h200 = two_machines
     by_label = compare([h100, h200], baseline="nvidia-h200")
@@ -111,6 +127,18 @@ def test_plot_writes_png(two_machines, tmp_path):
     plot(compare(list(two_machines)), out)
     data = out.read_bytes()
     assert len(data) > 1000 and data.startswith(PNG_SIGNATURE)
+
+
+def test_plot_labels_keep_the_params_that_tell_rows_apart():
+    import pandas as pd
+
+    from reference_impl.compare import _row_name, _shared_params
+
+    rows = pd.DataFrame({"test": ["t", "t"], "model": ["m", "m"], "metric": ["sync_ms", "sync_ms"],
+                         "params": ['{"concurrency":256,"gen_len":256,"modules":"all-linear","rank":8}',
+                                    '{"concurrency":256,"gen_len":256,"modules":"all-linear","rank":64}']})
+    shared = _shared_params(rows)
+    assert [_row_name(r, shared) for _, r in rows.iterrows()] == ["t m sync_ms rank=8", "t m sync_ms rank=64"]
 
 
 def test_plot_truncates_many_rows(tmp_path):
