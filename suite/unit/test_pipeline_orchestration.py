@@ -38,7 +38,8 @@ class FakeServer:
     def models(self):
         return list(self.loaded)
 
-    def generate(self, batch, sampling, lora=None, timeout_s=None):
+    def generate(self, batch, sampling, lora=None, timeout_s=None, return_logprob=False):
+        assert return_logprob, "the rollout must ask for the sampler's logprobs (GRPO's old logprobs)"
         if self.fail_at is not None and len(self.batches) == self.fail_at:
             raise RuntimeError("engine failed on purpose")
         assert lora in self.loaded, f"{lora} not loaded: {list(self.loaded)}"
