@@ -31,8 +31,6 @@ class ManagedServer:
         self.start_s: float | None = None
         self.stopped_by: str | None = None
         self._client = None
-        self._t_launch: float | None = None  # set while launched and not yet healthy
-        self._attempts_left = 0
 
     # -- what a subclass provides ------------------------------------------------------------------------
     def make_client(self, url: str, timeout_s: float | None = None):
@@ -65,62 +63,40 @@ class ManagedServer:
         return self.process.log_path
 
     def start(self):
-        """Launch and wait until healthy (bounded by startup_timeout_s); returns self."""
-        return self.launch().wait_ready()
-
-    def launch(self):
-        """Start the child and return at once (the caller overlaps the ~40 s of imports with its own work);
-        wait_ready() then waits for health. Returns self."""
         python = self.config.python
         if not python or not os.access(python, os.X_OK):
             raise ServerStartError(f"{self.name} interpreter {python!r} does not exist or is not executable: "
                                    f"{self.interpreter_hint}")
         if self.config.port is not None:
             check_port_free(self.config.port)  # a user-chosen busy port is an error, not a silent retry
-        self._attempts_left = 2
-        self._spawn()
-        return self
-
-    @property
-    def launched(self) -> bool:
-        return self.process is not None and self._t_launch is not None
-
-    def wait_ready(self):
-        """Wait for /health 200 after launch(); fails fast when the child exits. A port taken between our
-        check and the child's bind is retried on a new one (auto ports only, twice). Returns self."""
-        assert self.process is not None and self._t_launch is not None, "launch() first"
-        while True:
+        for attempt in range(3):
+            self.port = self.config.port or pick_free_port()
             try:
-                self._wait_healthy(self._t_launch + self.config.startup_timeout_s)
+                self._launch_and_wait()
+                return self
             except ServerStartError as e:
-                self.process.stop(term_timeout_s=10)
-                if self.config.port is None and "address already in use" in str(e).lower() \
-                        and self._attempts_left > 0:
-                    self._attempts_left -= 1
-                    self._spawn()
+                # a port taken between our check and the child's bind: retry on a new one (auto ports only)
+                if self.config.port is None and "address already in use" in str(e).lower() and attempt < 2:
                     continue
-                self._t_launch = None
                 raise
-            except BaseException:
-                self.process.stop(term_timeout_s=10)
-                self._t_launch = None
-                raise
-            self.start_s = time.monotonic() - self._t_launch
-            self._t_launch = None
-            return self
+        raise AssertionError("unreachable")
 
-    def _spawn(self) -> None:
+    def _launch_and_wait(self) -> None:
         cfg = self.config
-        self.port = cfg.port or pick_free_port()
         stamp = time.strftime("%Y%m%d-%H%M%S")
         log_path = Path(cfg.log_dir) / f"{self.name.lower()}-{stamp}-{self.port}.log"
         self.process = ManagedProcess(cfg.argv(self.port), cfg.child_env(), log_path, cwd=str(Path(cfg.log_dir)))
-        self._t_launch = time.monotonic()
+        t0 = time.monotonic()
         try:
             self.process.start()
         except OSError as e:
-            self._t_launch = None
             raise ServerStartError(f"cannot launch {cfg.python}: {e}") from e
+        try:
+            self._wait_healthy(t0 + cfg.startup_timeout_s)
+        except BaseException:
+            self.process.stop(term_timeout_s=10)
+            raise
+        self.start_s = time.monotonic() - t0
 
     def _wait_healthy(self, deadline: float) -> None:
         client = self.make_client(self.url, timeout_s=10)
@@ -140,7 +116,6 @@ class ManagedServer:
         if self.process is None:
             return "gone"
         self.stopped_by = self.process.stop(term_timeout_s=term_timeout_s)
-        self._t_launch = None
         return self.stopped_by
 
     def restart(self, **changes) -> float:

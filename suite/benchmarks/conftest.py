@@ -30,7 +30,7 @@ class ServerSlot:
     def get(self, **overrides):
         if self.key is not None and self.key != overrides:
             self.release()
-        before = self.pool.servers.get(repr(sorted(overrides.items())))
+        before = self.pool.servers.get(self.pool.key(overrides))
         srv = self.pool.get(**overrides)
         self.started = srv is not before  # the pool (re)launched it
         self.key = overrides

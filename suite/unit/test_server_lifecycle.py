@@ -238,37 +238,6 @@ def test_restart_with_startup_adapter(tmp_path, fake_model_dir):
     assert pids_in_group(srv.pid) == []
 
 
-def test_launch_returns_at_once_and_wait_ready_waits(tmp_path, fake_model_dir):
-    """launch() does not wait for health (the session overlaps server imports with its own set-up);
-    wait_ready() does, and start_s counts from the launch."""
-    srv = SGLangServer(make_config(tmp_path, fake_model_dir, extra_env={"FAKE_SGLANG_MODE": "slow_start",
-                                                                       "FAKE_SGLANG_START_DELAY": "2"}))
-    try:
-        t0 = time.monotonic()
-        assert srv.launch() is srv and srv.launched
-        assert time.monotonic() - t0 < 1.5 and not srv.client.health(timeout_s=1)
-        time.sleep(0.5)
-        assert srv.wait_ready() is srv and not srv.launched
-        assert srv.client.health() and srv.start_s >= 2.0
-    finally:
-        srv.stop(term_timeout_s=10)
-    assert pids_in_group(srv.pid) == []
-
-
-def test_wait_ready_after_launch_fails_fast_when_the_child_exits(tmp_path, fake_model_dir):
-    srv = SGLangServer(make_config(tmp_path, fake_model_dir, startup_timeout_s=60,
-                                   extra_env={"FAKE_SGLANG_MODE": "exit_at_start"}))
-    srv.launch()
-    t0 = time.monotonic()
-    try:
-        with pytest.raises(ServerStartError, match="exited with code 3"):
-            srv.wait_ready()
-    finally:
-        srv.stop(term_timeout_s=5)
-    assert time.monotonic() - t0 < 15 and not srv.launched
-    assert pids_in_group(srv.pid) == []
-
-
 def test_pool_early_starts_run_one_after_another_and_get_waits_for_them(tmp_path, fake_model_dir):
     """Two early configs: the second is launched only once the first is healthy (side-by-side launches starve
     each other's KV pool on one GPU); get() returns the server started early, once."""
@@ -277,12 +246,9 @@ def test_pool_early_starts_run_one_after_another_and_get_waits_for_them(tmp_path
     events = []
 
     class Recording(SGLangServer):
-        def launch(self):
+        def start(self):
             events.append(("launch", self.config.mem_fraction_static))
-            return super().launch()
-
-        def wait_ready(self):
-            super().wait_ready()
+            super().start()
             events.append(("ready", self.config.mem_fraction_static))
             return self
 
@@ -325,7 +291,7 @@ def test_pool_close_stops_a_server_still_starting(tmp_path, fake_model_dir):
     pool = ServerPool(make_config(tmp_path, fake_model_dir, startup_timeout_s=120,
                                   extra_env={"FAKE_SGLANG_MODE": "slow_start", "FAKE_SGLANG_START_DELAY": "1000"}))
     pool.prelaunch()
-    srv = next(iter(pool._starting.values()))
+    srv, _ = next(iter(pool._early.values()))
     deadline = time.monotonic() + 10
     while srv.process is None and time.monotonic() < deadline:
         time.sleep(0.05)
