@@ -293,7 +293,7 @@ def test_pool_close_stops_a_server_still_starting(tmp_path, fake_model_dir):
     pool.prelaunch()
     srv, _ = next(iter(pool._early.values()))
     deadline = time.monotonic() + 10
-    while srv.process is None and time.monotonic() < deadline:
+    while (srv.process is None or srv.process.proc is None) and time.monotonic() < deadline:  # child spawned
         time.sleep(0.05)
     pid = srv.pid
     t0 = time.monotonic()
