@@ -94,6 +94,16 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t.item())
 
+    def spread(self, value: float) -> float:
+        """max - min of `value` over the ranks (one all-reduce): 0 while the ranks hold identical weights."""
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([value, -value], dtype=torch.float64,
+                         device=f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t[0] + t[1])
+
     def close(self) -> None:
         import torch.distributed as dist
 

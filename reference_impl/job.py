@@ -187,7 +187,7 @@ def run_job(cfg: RunConfig) -> list:
             "params": {"group_size": cfg.loop.group_size, "prompts": cfg.loop.prompts_per_step,
                        "max_new_tokens": cfg.loop.max_new_tokens, "lr": cfg.lr, "rank": cfg.rank,
                        "trainer": trainer_backend, "sync": strategy_name != "none",
-                       "training_ranks": dist.world if dist else 1,
+                       "training_ranks": dist.world if dist else 1, **_layout_params(plan),
                        **({"max_staleness": cfg.max_staleness} if cfg.pipeline else {}),
                        **({"tis_cap": cfg.effective_tis_cap()} if cfg.effective_tis_cap() else {})}}
     if cfg.pipeline:  # refuse before any server starts
@@ -197,9 +197,11 @@ def run_job(cfg: RunConfig) -> list:
                                 f"{strategy_name!r} (plan mode {plan.mode if plan else 'cpu'}) stops it: use a "
                                 "split (2+ GPUs, hot reload) or --engine hf")
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    server = trainer = strategy = None
+    server = trainer = strategy = vram = None
     try:
-        if on_gpu:
+        if on_gpu:  # peak memory of every GPU of the plan, all processes (NVML), over the whole run
+            from .metrics import NvmlSampler
+            vram = NvmlSampler(sorted({g.index for g in plan.inference + plan.training}), interval_s=0.1).start()
             server = SGLangServer(_server_config(cfg, plan, str(model.path), strategy_name)).start()
             engine = _ServerClient(server)
         else:
@@ -217,11 +219,17 @@ def run_job(cfg: RunConfig) -> list:
 
         if cfg.pipeline:
             from .pipeline import PipelineConfig, run_pipelined
-            return run_pipelined(cfg.loop, trainer, engine, strategy, task,
-                                 PipelineConfig(max_staleness=cfg.max_staleness), on_step=on_step, dist=dist)
-        return run_loop(cfg.loop, trainer, engine, strategy, task, on_step=on_step, dist=dist)
+            records = run_pipelined(cfg.loop, trainer, engine, strategy, task,
+                                    PipelineConfig(max_staleness=cfg.max_staleness), on_step=on_step, dist=dist)
+        else:
+            records = run_loop(cfg.loop, trainer, engine, strategy, task, on_step=on_step, dist=dist)
+        if vram is not None:
+            writer.append(_vram_rows(vram, base))
+        return records
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if vram is not None:
+            vram.stop()
         if strategy is not None:
             strategy.close()  # the merged strategy removes its merged checkpoints from tmpfs
         if server is not None:
@@ -230,6 +238,21 @@ def run_job(cfg: RunConfig) -> list:
             trainer.close()
         if dist is not None:
             dist.close()
+
+
+def _layout_params(plan: SplitPlan | None) -> dict:
+    """How the GPUs were split ("1+3": one inference GPU, three training ranks), to tell layouts apart."""
+    if plan is None:
+        return {}
+    return {"layout": f"{len(plan.inference)}+{len(plan.training)}", "tp": plan.tp_size}
+
+
+def _vram_rows(sampler, base: dict) -> list:
+    from .bench import vram_rows
+
+    sampler.stop()
+    run_base = {k: v for k, v in base.items() if k != "params"}
+    return vram_rows(run_base, sampler.peak_mib(), base["params"]) if not sampler.error else []
 
 
 def _trainer_config(cfg: RunConfig, model, backend: str, device: str):

@@ -106,11 +106,16 @@ def run_loop(cfg: LoopConfig, trainer, engine, strategy, task,
                          prompt_tokens=sum(len(r.prompt_ids) for r in rolls),
                          cached_tokens=sum(r.cached_tokens for r in rolls), loss=stats["loss"],
                          clip_ratio=stats.get("clip_ratio", 0.0), ratio_mean=stats.get("ratio_mean", 1.0),
-                         equal_reward_groups=stats["equal_reward_groups"], extra={**paused, **sync.extra})
+                         equal_reward_groups=stats["equal_reward_groups"],
+                         extra={**paused, **sync.extra, **rank_spread(stats)})
         records.append(rec)
         if on_step:
             on_step(rec)
     return records
+
+
+def rank_spread(stats: dict) -> dict:
+    return {"rank_spread": stats["rank_param_spread"]} if "rank_param_spread" in stats else {}
 
 
 def follow_loop(cfg: LoopConfig, trainer, dist) -> None:
@@ -138,7 +143,8 @@ STEP_METRICS = {"reward": "reward", "rollout_s": "rollout_s", "train_s": "train_
 PIPELINE_METRICS = {"wait_s": "train_wait_s", "staleness_max": "staleness_max_steps",
                     "staleness_mean": "staleness_mean_steps"}
 EXTRA_METRICS = {"restart_s": "restart_s", "start_s": "server_start_s", "release_s": "release_s",
-                 "resume_s": "resume_s", "released_mib": "released_mib", "stop_s": "server_stop_s"}
+                 "resume_s": "resume_s", "released_mib": "released_mib", "stop_s": "server_stop_s",
+                 "rank_spread": "ddp_rank_param_spread"}
 
 
 def step_rows(rec: StepRecord, base: dict) -> list:
@@ -154,4 +160,7 @@ def step_rows(rec: StepRecord, base: dict) -> list:
              for key, metric in PIPELINE_METRICS.items() if rec.pipelined]
     rows += [ResultRow(metric=metric, value=float(rec.extra[key]), params=params, **base)
              for key, metric in EXTRA_METRICS.items() if rec.extra.get(key) is not None]
+    if rec.rollout_s > 0:  # the rollout phase's own throughput (output tokens of the whole batch)
+        rows.append(ResultRow(metric="rollout_output_tok_s", value=rec.output_tokens / rec.rollout_s,
+                              params=params, **base))
     return rows

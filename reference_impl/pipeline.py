@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .loop import LoopConfig, StepRecord, rollout
+from .loop import LoopConfig, StepRecord, rank_spread, rollout
 from .sync import version_name
 
 # Strategies that take the server away while the trainer works: nothing could sample during training.
@@ -224,6 +224,7 @@ def _record(step: int, batch: _Batch, stats: dict, wait_s: float, train_s: float
                       prompt_tokens=sum(len(r.prompt_ids) for r in rolls),
                       cached_tokens=sum(r.cached_tokens for r in rolls), loss=stats["loss"],
                       clip_ratio=stats.get("clip_ratio", 0.0), ratio_mean=stats.get("ratio_mean", 1.0),
-                      equal_reward_groups=stats["equal_reward_groups"], extra=dict(batch.sync_extra),
+                      equal_reward_groups=stats["equal_reward_groups"],
+                      extra={**batch.sync_extra, **rank_spread(stats)},
                       pipelined=True, wait_s=wait_s, staleness_max=max(lag, default=0),
                       staleness_mean=sum(lag) / len(lag) if lag else 0.0)

@@ -23,7 +23,19 @@ ATTENTION_ONLY = ("q_proj", "k_proj", "v_proj", "o_proj")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
 # Variables of the trainer's environment that must not leak into the server's venv.
-ENV_NOT_INHERITED = ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "UNSLOTH_RETURN_LOGITS", "UNSLOTH_COMPILE_LOCATION")
+ENV_NOT_INHERITED = ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "UNSLOTH_RETURN_LOGITS", "UNSLOTH_COMPILE_LOCATION",
+                     # a DDP trainer's rank 0 starts the server: torchrun's rendezvous must not leak into
+                     # SGLang's own process group (its TP ranks would read rank/world from them)
+                     "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                     "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+                     "SPLITRL_DDP_WORKER")
+ENV_PREFIXES_NOT_INHERITED = ("TORCHELASTIC_",)
+
+
+def inheritable_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """What a server child keeps of the trainer's environment (`base`, default os.environ)."""
+    return {k: v for k, v in (base if base is not None else os.environ).items()
+            if k not in ENV_NOT_INHERITED and not k.startswith(ENV_PREFIXES_NOT_INHERITED)}
 
 
 @dataclass
@@ -98,7 +110,7 @@ class ServerConfig:
         return args + list(self.extra_args)
 
     def child_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        env = {k: v for k, v in (base if base is not None else os.environ).items() if k not in ENV_NOT_INHERITED}
+        env = inheritable_env(base)
         env.update(OFFLINE_ENV)
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # physical indices = NVML order
         env["CUDA_VISIBLE_DEVICES"] = self.gpu_ids

@@ -152,11 +152,18 @@ class LoraTrainer:
             loss_value = dist.sum_scalar(loss_value) / (1 if dapo else dist.world)
         self.opt.step()
         self.steps += 1
+        if dist is not None:  # the ranks must still hold the same adapter; a checksum costs one all-reduce
+            metrics["rank_param_spread"] = dist.spread(self.param_checksum())
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         return {"loss": loss_value, "train_s": time.perf_counter() - t0,
                 "equal_reward_groups": stats.equal_reward_groups, "num_groups": stats.num_groups,
                 "train_tokens": int(mask.sum()), **metrics}
+
+    def param_checksum(self) -> float:
+        """Sum of the trainable weights in float64: equal across data-parallel ranks that took the same steps."""
+        with self.torch.no_grad():
+            return float(sum(p.detach().double().sum() for p in self.params))
 
     # -- adapters ------------------------------------------------------------------------------------
     def save_adapter(self, name: str) -> Path:

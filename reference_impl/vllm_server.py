@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .managed_server import ManagedServer, ServerStartError
-from .server import ENV_NOT_INHERITED, OFFLINE_ENV
+from .server import OFFLINE_ENV, inheritable_env
 from .vllm_client import VLLMClient
 
 VLLM_PYTHON_ENV = "SPLITRL_VLLM_PYTHON"
@@ -82,7 +82,7 @@ class VLLMServerConfig:
         return args + list(self.extra_args)
 
     def child_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        env = {k: v for k, v in (base if base is not None else os.environ).items() if k not in ENV_NOT_INHERITED}
+        env = inheritable_env(base)
         env.update(OFFLINE_ENV)
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["CUDA_VISIBLE_DEVICES"] = self.gpu_ids

@@ -52,7 +52,9 @@ def test_processes_stay_on_their_gpus(lora_server, gpu_trainer, gpu_plan):
             assert not server_pids & set(pids), f"server process on training GPU {index}"
         if index in inference:
             assert trainer_pid not in pids, f"trainer on inference GPU {index}"
-    assert any(server_pids & set(by_gpu.get(i, [])) for i in inference), f"server not seen on {inference}: {by_gpu}"
+    # every GPU of the inference group: a TP=2 server runs one scheduler process per GPU
+    missing = [i for i in inference if not server_pids & set(by_gpu.get(i, []))]
+    assert not missing, f"server not seen on inference GPU(s) {missing}: {by_gpu}"
     assert any(trainer_pid in by_gpu.get(i, []) for i in training), f"trainer not seen on {training}: {by_gpu}"
 
 

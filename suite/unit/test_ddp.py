@@ -1,9 +1,5 @@
 """Data-parallel training over several training ranks (gloo on CPU here; NCCL on GPUs): every rank must take
 exactly the step one process takes on the whole batch, and ranks must stay identical through the loop."""
-import os
-import random
-import socket
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -11,59 +7,8 @@ torch = pytest.importorskip("torch")
 from reference_impl.ddp import DistContext  # noqa: E402
 from reference_impl.devices import parse_inventory_spec  # noqa: E402
 from reference_impl.job import RunConfig, ddp_relaunch_argv  # noqa: E402
-from reference_impl.trainer import LoraSpec, LoraTrainer, Rollout, TrainerConfig  # noqa: E402
-
-GROUP = 4
-
-
-def _rollouts(n_groups=4):
-    rng = random.Random(5)
-    out = []
-    for g in range(n_groups):
-        prompt = [rng.randrange(1000, 50000) for _ in range(6 + g)]  # ragged prompts across groups
-        for i in range(GROUP):
-            comp = [rng.randrange(1000, 50000) for _ in range(3 + (i % 2))]
-            out.append(Rollout(prompt, comp, [-11.5] * len(comp), reward=float((g + i) % 3)))
-    return out
-
-
-def _trainer(model_path, loss_type):
-    from reference_impl.grpo import GRPOConfig
-    return LoraTrainer(TrainerConfig(model_path=model_path, dtype="float32", lr=1e-2, seed=3,
-                                     lora=LoraSpec(rank=4, alpha=8, init_b_std=0.02),
-                                     grpo=GRPOConfig(loss_type=loss_type, max_completion_length=8)))
-
-
-def _lora_state(trainer):
-    return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k}
-
-
-def _lora_grads(trainer):
-    """The combined gradient the optimizer stepped with (train_step zeroes grads before, not after)."""
-    return {k: v.grad.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_env(rank, world, port):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-
-
-def _train_rank(rank, world, port, model_path, loss_type, out_dir):
-    _rank_env(rank, world, port)
-    dist = DistContext.from_env(backend="gloo")
-    try:
-        trainer = _trainer(model_path, loss_type)
-        stats = trainer.train_step(_rollouts(), GROUP, dist)
-        torch.save({"grads": _lora_grads(trainer), "loss": stats["loss"]}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.close()
+from suite.ddp_ranks import (GROUP, free_port, join_group, lora_state, make_rollouts, make_trainer,  # noqa: E402
+                             spread_rank, train_steps_rank)
 
 
 @pytest.fixture(scope="module")
@@ -76,26 +21,34 @@ def tiny_path():
 def test_two_ranks_take_the_single_process_step(tiny_path, tmp_path, loss_type):
     """Compared on the gradient the optimizer gets: Adam's first step is ~lr*sign(g), so float32 summation
     order alone can flip single near-zero weights, which says nothing about the data-parallel arithmetic."""
-    single = _trainer(tiny_path, loss_type)
-    expected = single.train_step(_rollouts(), GROUP)
-    want = _lora_grads(single)
+    from suite.ddp_ranks import single_process_step
+    torch.multiprocessing.spawn(single_process_step, args=(tiny_path, loss_type, str(tmp_path)), nprocs=1)
+    expected = torch.load(tmp_path / "single.pt")
+    want = expected["grads"]
     scale = max(float(g.abs().max()) for g in want.values())
     assert scale > 0, "the single-process gradient is zero: the comparison would be vacuous"
-    torch.multiprocessing.spawn(_train_rank, args=(2, _free_port(), tiny_path, loss_type, str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(train_steps_rank, args=(2, free_port(), tiny_path, loss_type, str(tmp_path)),
+                                nprocs=2)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4, abs=1e-6)
+        assert got["spreads"] == [0.0]  # both ranks hold the same adapter after the step
         for k in want:
             torch.testing.assert_close(got["grads"][k], want[k], rtol=1e-3, atol=1e-5 * scale)
 
 
+def test_rank_spread_sees_ranks_that_differ(tmp_path):
+    """The divergence check itself: three ranks offering 0, 1, 2 must each read a spread of 2."""
+    torch.multiprocessing.spawn(spread_rank, args=(3, free_port(), str(tmp_path)), nprocs=3)
+    assert [torch.load(tmp_path / f"spread{r}.pt") for r in range(3)] == [2.0, 2.0, 2.0]
+
+
 def _loop_rank(rank, world, port, model_path, out_dir, pipelined=False):
-    _rank_env(rank, world, port)
     from reference_impl.loop import LoopConfig, follow_loop, run_loop
-    dist = DistContext.from_env(backend="gloo")
+    dist = join_group(rank, world, port, "gloo")
     cfg = LoopConfig(steps=2, prompts_per_step=2, group_size=GROUP, max_new_tokens=4)
     try:
-        trainer = _trainer(model_path, "dapo")
+        trainer = make_trainer(model_path, "dapo")
         if dist.is_main:
             from reference_impl.hf_engine import HFEngine
             from reference_impl.sync import HotReload
@@ -106,17 +59,18 @@ def _loop_rank(rank, world, port, model_path, out_dir, pipelined=False):
                 recs = run_pipelined(cfg, trainer, engine, HotReload(engine), WordStartTask(model_path), dist=dist)
                 assert [r.staleness_max for r in recs][0] == 0 and max(r.staleness_max for r in recs) <= 1
             else:
-                run_loop(cfg, trainer, engine, HotReload(engine), WordStartTask(model_path), dist=dist)
+                recs = run_loop(cfg, trainer, engine, HotReload(engine), WordStartTask(model_path), dist=dist)
+            assert [r.extra["rank_spread"] for r in recs] == [0.0, 0.0]  # recorded, and the ranks agree
         else:
             follow_loop(cfg, trainer, dist)
-        torch.save(_lora_state(trainer), f"{out_dir}/loop{rank}.pt")
+        torch.save(lora_state(trainer), f"{out_dir}/loop{rank}.pt")
     finally:
         dist.close()
 
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
 def test_ranks_stay_identical_through_the_loop(tiny_path, tmp_path, pipelined):
-    torch.multiprocessing.spawn(_loop_rank, args=(2, _free_port(), tiny_path, str(tmp_path), pipelined), nprocs=2)
+    torch.multiprocessing.spawn(_loop_rank, args=(2, free_port(), tiny_path, str(tmp_path), pipelined), nprocs=2)
     a, b = torch.load(tmp_path / "loop0.pt"), torch.load(tmp_path / "loop1.pt")
     assert a.keys() == b.keys()
     for k in a:
@@ -161,3 +115,38 @@ def test_four_gpu_layouts_reach_the_server_and_the_trainer(spec, tp, inference, 
     assert plan.training_cvd() == training
     launch = ddp_relaunch_argv(cfg, ["run"], inventory=parse_inventory_spec(spec))
     assert f"--nproc-per-node={len(training.split(','))}" in launch
+
+
+@pytest.mark.parametrize("spec,tp,layout", [("4xH100-80GB", 1, "1+3"), ("4xH100-80GB", 2, "2+2"),
+                                            ("2xH100-80GB", 1, "1+1")])
+def test_run_rows_name_the_layout(spec, tp, layout):
+    """`splitrl run` rows carry the split, so runs of one model on several layouts stay apart in compare."""
+    from reference_impl.devices import make_plan
+    from reference_impl.job import _layout_params
+
+    assert _layout_params(make_plan(parse_inventory_spec(spec), tp_size=tp)) == {"layout": layout, "tp": tp}
+    assert _layout_params(None) == {}  # the HF engine on a CPU machine has no plan
+
+
+def test_run_writes_one_peak_vram_row_per_gpu_of_the_plan():
+    from reference_impl.job import _vram_rows
+
+    class StoppedSampler:  # what run_job's NvmlSampler holds at the end of a run
+        error, stopped = None, False
+
+        def stop(self):
+            self.stopped = True
+
+        def peak_mib(self):
+            return {0: 70000.0, 3: 21000.5}
+
+    base = {"suite": "run", "test": "grpo_hot-reload", "backend": "sglang", "mode": "split",
+            "strategy": "hot-reload", "model": "qwen3-1.7b", "params": {"layout": "1+3", "tp": 1}}
+    sampler = StoppedSampler()
+    rows = _vram_rows(sampler, base)
+    assert sampler.stopped
+    assert [(r.metric, r.value, r.params) for r in rows] == [
+        ("peak_vram_mib", 70000.0, {"layout": "1+3", "tp": 1, "gpu": 0}),
+        ("peak_vram_mib", 21000.5, {"layout": "1+3", "tp": 1, "gpu": 3})]
+    sampler.error = "NVML sampling failed: gone"
+    assert _vram_rows(sampler, base) == []  # a broken sampler writes nothing rather than a wrong peak

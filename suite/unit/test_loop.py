@@ -160,12 +160,12 @@ def test_step_rows_are_valid_results_rows(hot_run, control_run, tmp_path):
     writer = ResultsWriter(tmp_path / "run.csv", fingerprint={})
     for rec in hot_run.records:
         rows = step_rows(rec, base)
-        assert {r.metric for r in rows} == set(STEP_METRICS.values())
+        assert {r.metric for r in rows} == set(STEP_METRICS.values()) | {"rollout_output_tok_s"}
         assert all(r.params == {"group_size": 8, "prompts": 4, "step": rec.step} for r in rows)
         writer.append(rows)
     assert base["params"] == {"group_size": 8, "prompts": 4}, "step_rows must not modify its base"
     df = read_results(tmp_path / "run.csv")
-    assert len(df) == STEPS * len(STEP_METRICS)
+    assert len(df) == STEPS * (len(STEP_METRICS) + 1)
     assert df["value"].map(math.isfinite).all()
     by = {m: df[df["metric"] == m]["value"].tolist() for m in STEP_METRICS.values()}
     assert by["reward"] == pytest.approx(hot_run.rewards())
@@ -173,6 +173,8 @@ def test_step_rows_are_valid_results_rows(hot_run, control_run, tmp_path):
     assert all(v > 0 for m in ("rollout_s", "train_s", "sync_ms", "step_s") for v in by[m])
     assert by["output_tokens"] == [4 * 8 * 8] * STEPS
     assert by["cached_tokens"] == [0] * STEPS  # the HF engine has no prefix cache
+    tok_s = df[df["metric"] == "rollout_output_tok_s"]["value"].tolist()
+    assert tok_s == pytest.approx([t / r for t, r in zip(by["output_tokens"], by["rollout_s"])])
     assert all(0 <= v <= 4 for v in by["equal_reward_groups_count"])
     steps = [json.loads(p)["step"] for p in df[df["metric"] == "reward"]["params"]]
     assert steps == list(range(STEPS))

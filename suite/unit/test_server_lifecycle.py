@@ -118,6 +118,11 @@ def test_argv_and_child_env(tmp_path, fake_model_dir):
     assert "PYTHONPATH" not in env and "VIRTUAL_ENV" not in env
     assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
     assert env["KEEP"] == "1" and env["EXTRA"] == "x"
+    # rank 0 of a DDP trainer starts the server: torchrun's variables stay with the trainer
+    ddp = cfg.child_env({"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_PORT": "29511",
+                         "TORCHELASTIC_RUN_ID": "x", "SPLITRL_DDP_WORKER": "1", "KEEP": "1"})
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SPLITRL_DDP_WORKER"} & set(ddp)
+    assert ddp["KEEP"] == "1"
 
 
 # -- real child processes ------------------------------------------------------------------------------
