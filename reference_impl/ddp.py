@@ -104,8 +104,20 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t[0] + t[1])
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """abort: this rank is failing while the others wait in a collective that will never come. A clean
+        destroy would block on them (seen with NCCL), so the communicators are aborted instead; torchrun stops
+        the other ranks once this process exits with its error."""
         import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if not dist.is_initialized():
+            return
+        if abort:
+            abort_group = getattr(dist.distributed_c10d, "_abort_process_group", None)
+            try:
+                if abort_group is not None:
+                    abort_group()
+            except Exception:  # a backend without abort (gloo): exiting tears the group down
+                pass
+            return
+        dist.destroy_process_group()

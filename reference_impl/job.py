@@ -198,6 +198,7 @@ def run_job(cfg: RunConfig) -> list:
                                 "split (2+ GPUs, hot reload) or --engine hf")
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     server = trainer = strategy = vram = None
+    finished = False
     try:
         if on_gpu:  # peak memory of every GPU of the plan, all processes (NVML), over the whole run
             from .metrics import NvmlSampler
@@ -225,6 +226,7 @@ def run_job(cfg: RunConfig) -> list:
             records = run_loop(cfg.loop, trainer, engine, strategy, task, on_step=on_step, dist=dist)
         if vram is not None:
             writer.append(_vram_rows(vram, base))
+        finished = True
         return records
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -237,7 +239,7 @@ def run_job(cfg: RunConfig) -> list:
         if trainer is not None:
             trainer.close()
         if dist is not None:
-            dist.close()
+            dist.close(abort=not finished)  # failing: the other ranks wait for rollouts that never come
 
 
 def _layout_params(plan: SplitPlan | None) -> dict:
@@ -268,9 +270,11 @@ def _follow(cfg: RunConfig, model, backend: str, device: str, dist: DistContext)
     from .trainer import LoraTrainer
 
     trainer = LoraTrainer(_trainer_config(cfg, model, backend, device))
+    finished = False
     try:
         follow_loop(cfg.loop, trainer, dist)
+        finished = True
         return []
     finally:
         trainer.close()
-        dist.close()
+        dist.close(abort=not finished)

@@ -30,7 +30,8 @@ UNIT_SUFFIXES: tuple[str, ...] = (
     "_steps",  # policy versions a sample lags the trainer (pipelined runs)
 )
 # Dimensionless metrics that are recognisable by name alone.
-BARE_METRICS: tuple[str, ...] = ("reward", "loss", "mbu", "passed")
+BARE_METRICS: tuple[str, ...] = ("reward", "loss", "mbu", "passed",
+                                  "ddp_rank_param_spread")  # max - min over DDP ranks of the LoRA weight sum
 
 CORE_COLUMNS: list[str] = [
     "run_id", "timestamp_utc", "suite", "test", "backend", "mode", "strategy",

@@ -4,13 +4,14 @@
 #   bash scripts/device_layouts4.sh conf     # pytest suite -m gpu in TP=2 + 2 training, then in 1 + 3 training
 #   bash scripts/device_layouts4.sh bench-a  # GRPO runs: 1+1 (1.7B on GPUs 0,1 | 4B on GPUs 2,3), then 1+3 DDP
 #   bash scripts/device_layouts4.sh bench-b  # GRPO runs: TP=2 + 2 DDP, 1.7B then 4B
+#   bash scripts/device_layouts4.sh last     # one call: the TP=2 + 2 suite (no NCCL test), then 1.7B runs 1+3, 2+2
 #
 # The benchmark runs are `splitrl run` (hot reload, decode CUDA graphs): per step rollout_s, train_s, sync_ms,
 # step_s and rollout_output_tok_s, plus peak_vram_mib of every GPU of the layout; all rows in one CSV.
 # `conf` leaves out test_one_gpu.py (restart, release/resume): it uses one GPU whatever the layout, and ran in
 # the 2-GPU runs. Needs .gpu-kit/ carried with the first call; END bounds each call (s).
 set -u
-MODE=${1:?conf|bench-a|bench-b}
+MODE=${1:?conf|bench-a|bench-b|last}
 source "$(dirname "$0")/device_common.sh" || exit 1
 END=${L4_END:-570}
 CSV=$OUT/layouts-bench.csv
@@ -46,6 +47,16 @@ case $MODE in
   bench-b)
     layout_run 2x2-qwen3-1.7b 220 --model qwen3-1.7b --inference-gpus 0,1 --tp 2 --training-gpus 2,3
     layout_run 2x2-qwen3-4b 280 --model qwen3-4b --inference-gpus 0,1 --tp 2 --training-gpus 2,3 ;;
+  last)  # what is left when device time runs short
+    timeout 300 $PY -c "from reference_impl.models import resolve_model; print(resolve_model('qwen3-1.7b'))" \
+      > "$OUT/logs/prebuild.log" 2>&1 &
+    pytest_job conf-tp2x2 "${L4_CONF_S:-330}" 0,1,2,3 suite -m gpu --ignore suite/conformance/test_one_gpu.py \
+      --ignore suite/conformance/test_ddp_nccl.py --inference-gpus 0,1 --tp 2 --training-gpus 2,3
+    grep -E "^(FAILED|XFAIL|ERROR)" "$OUT/logs/conf-tp2x2.log" | cut -c1-300 | tail -8
+    collect_jobs conf-tp2x2
+    wait
+    layout_run 1x3-qwen3-1.7b 160 --model qwen3-1.7b --inference-gpus 0 --training-gpus 1,2,3
+    layout_run 2x2-qwen3-1.7b 220 --model qwen3-1.7b --inference-gpus 0,1 --tp 2 --training-gpus 2,3 ;;
 esac
 [ -f "$CSV" ] && echo "rows: $(($(wc -l < "$CSV") - 1))"
 finish_outputs

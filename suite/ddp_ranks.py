@@ -86,3 +86,17 @@ def spread_rank(rank, world, port, out_dir):
         torch.save(dist.spread(float(rank)), f"{out_dir}/spread{rank}.pt")
     finally:
         dist.close()
+
+
+def abandoning_rank(rank, world, port, out_dir):
+    """Rank 1 waits for a broadcast that never comes; rank 0 fails instead and closes with abort=True, which
+    must return at once (a clean destroy would wait on rank 1). Rank 0 records how long its close took."""
+    import time
+
+    dist = join_group(rank, world, port, "gloo")
+    if rank == 1:
+        dist.broadcast(None)  # blocks until the parent kills this process
+        return
+    t0 = time.monotonic()
+    dist.close(abort=True)
+    torch.save(time.monotonic() - t0, f"{out_dir}/abort_s.pt")

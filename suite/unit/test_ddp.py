@@ -43,6 +43,25 @@ def test_rank_spread_sees_ranks_that_differ(tmp_path):
     assert [torch.load(tmp_path / f"spread{r}.pt") for r in range(3)] == [2.0, 2.0, 2.0]
 
 
+def test_a_failing_rank_closes_without_waiting_for_the_others(tmp_path):
+    import multiprocessing
+
+    from suite.ddp_ranks import abandoning_rank
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=abandoning_rank, args=(r, 2, port, str(tmp_path))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        procs[0].join(60)
+        assert procs[0].exitcode == 0, "rank 0 did not finish: its close blocked on the waiting rank"
+        assert torch.load(tmp_path / "abort_s.pt") < 5.0
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(10)
+
+
 def _loop_rank(rank, world, port, model_path, out_dir, pipelined=False):
     from reference_impl.loop import LoopConfig, follow_loop, run_loop
     dist = join_group(rank, world, port, "gloo")

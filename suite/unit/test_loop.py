@@ -181,6 +181,18 @@ def test_step_rows_are_valid_results_rows(hot_run, control_run, tmp_path):
     assert all(r.extra.get("skipped") == 1 for r in control_run.records)
 
 
+def test_ddp_steps_write_their_rank_spread(hot_run, tmp_path):
+    """A data-parallel step records the ranks' weight spread; the row must pass the results schema (a metric
+    without a known unit is refused, which once stopped a 3-rank GPU run after its first step)."""
+    from dataclasses import replace
+    rec = replace(hot_run.records[0], extra={"rank_spread": 0.0})
+    base = {"suite": "run", "test": "grpo_hot-reload", "backend": "sglang", "mode": "split",
+            "strategy": "hot-reload", "model": "tiny", "params": {"layout": "1+3", "tp": 1}}
+    ResultsWriter(tmp_path / "run.csv", fingerprint={}).append(step_rows(rec, base))
+    df = read_results(tmp_path / "run.csv")
+    assert df[df["metric"] == "ddp_rank_param_spread"]["value"].tolist() == [0.0]
+
+
 def test_step_rows_carry_strategy_timings():
     rec = StepRecord(step=3, adapter="policy-v3", reward=0.5, rollout_s=1.0, train_s=2.0, sync_ms=3000.0, step_s=6.0,
                      output_tokens=64, prompt_tokens=128, cached_tokens=0, loss=0.1, clip_ratio=0.0, ratio_mean=1.0,
