@@ -23,8 +23,11 @@ DDP_ENV = "SPLITRL_DDP_WORKER"
 def relaunch_env() -> dict[str, str]:
     """Added to the environment of the torchrun relaunch. GPUs stay visible: each rank re-plans from NVML and
     pins CUDA_VISIBLE_DEVICES to the training group itself, before CUDA starts."""
-    # NVLink multicast stays off: on shared hosts it can take the GPUs out of service
-    return {DDP_ENV: "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    # NVLink multicast stays off: on shared hosts it can take the GPUs out of service. The training group is on
+    # one host, so NCCL's and gloo's bootstrap sockets stay on loopback unless the user chose an interface.
+    from .server import LOOPBACK_COLLECTIVES_ENV
+    return {**{k: os.environ.get(k, v) for k, v in LOOPBACK_COLLECTIVES_ENV.items()},
+            DDP_ENV: "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
 
 def torchrun_argv(plan: SplitPlan, script_args: list[str], master_port: int = 29511) -> list[str]:

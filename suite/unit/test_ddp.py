@@ -96,6 +96,15 @@ def test_ranks_stay_identical_through_the_loop(tiny_path, tmp_path, pipelined):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_the_relaunch_keeps_collectives_on_loopback(monkeypatch):
+    from reference_impl.ddp import relaunch_env
+    monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth1")
+    env = relaunch_env()
+    assert env["NCCL_SOCKET_IFNAME"] == "lo" and env["GLOO_SOCKET_IFNAME"] == "eth1"
+    assert env["SPLITRL_DDP_WORKER"] == "1" and env["NCCL_NVLS_ENABLE"] == "0"
+
+
 def test_uneven_groups_are_refused():
     ctx = DistContext(rank=0, world=3, local_rank=0)
     with pytest.raises(ValueError, match="multiple of the training GPUs"):

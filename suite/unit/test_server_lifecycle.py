@@ -123,6 +123,9 @@ def test_argv_and_child_env(tmp_path, fake_model_dir):
                          "TORCHELASTIC_RUN_ID": "x", "SPLITRL_DDP_WORKER": "1", "KEEP": "1"})
     assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SPLITRL_DDP_WORKER"} & set(ddp)
     assert ddp["KEEP"] == "1"
+    # collectives of a TP server bootstrap on loopback; an interface the user named wins
+    assert env["NCCL_SOCKET_IFNAME"] == "lo" and env["GLOO_SOCKET_IFNAME"] == "lo"
+    assert cfg.child_env({"NCCL_SOCKET_IFNAME": "eth1"})["NCCL_SOCKET_IFNAME"] == "eth1"
 
 
 # -- real child processes ------------------------------------------------------------------------------
