@@ -4,11 +4,12 @@ import os
 
 import pytest
 
+from reference_impl import conformance as C
 from reference_impl.metrics import gpu_processes
 from reference_impl.procs import pids_in_group
 
 pytestmark = [pytest.mark.gpu, pytest.mark.gpus(2)]
-LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 as /proc/net prints them
+LOOPBACK = C.LOOPBACK_HEX
 
 
 TCPSTORE_XFAIL = ("PyTorch c10d TCPStore binds all interfaces even for init_method tcp://127.0.0.1:<port> "
@@ -62,11 +63,9 @@ def test_server_listens_on_loopback_only(lora_server):
     listeners = _listening_addresses(pids_in_group(lora_server.pid))
     http = [a for a, p, _ in listeners if p == lora_server.port]
     assert http and set(http) <= LOOPBACK, f"HTTP port not loopback-only: {listeners}"
-    wide = [(p, who) for a, p, who in listeners if a not in LOOPBACK]
-    # one wildcard listener per TP rank, held by a scheduler (the process that runs init_process_group):
-    # the TCPStore. Anything else listening widely fails the test.
-    others = [(p, who) for p, who in wide if "scheduler" not in who]
-    assert not others and len(wide) <= lora_server.config.tp_size, \
-        f"server ports on all interfaces: {wide} (HTTP port {lora_server.port}; all listeners {listeners})"
+    try:
+        wide = C.listeners_beyond_loopback(listeners, lora_server.config.tp_size)
+    except C.ConformanceError as e:
+        raise AssertionError(f"{e} (HTTP port {lora_server.port}; all listeners {listeners})") from None
     if wide:
         pytest.xfail(f"{TCPSTORE_XFAIL}: {wide}")

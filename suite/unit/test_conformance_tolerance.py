@@ -50,3 +50,25 @@ def test_one_outlier_position_fails_on_its_own_bound():
     bad[1][2] += 0.4   # |ref| 3.1: bound 0.15 + 0.097
     with pytest.raises(C.ConformanceError, match="exceeds its bound"):
         C.assert_matches(bad, MODERATE, "outlier")
+
+
+# LISTEN sockets of run k's TP=2 server (4x H200), shortened: the HTTP port and a scheduler port on loopback,
+# scheduler ports on the host's address 192.0.2.2, and TCPStore's on ::
+RUN_K_LISTENERS = [("0100007F", 24067, "python -m sglang.launch_server"), ("0100007F", 28028, "sglang::scheduler_TP0"),
+                   ("020200C0", 51079, "sglang::scheduler_TP0"), ("020200C0", 52473, "sglang::scheduler_TP1"),
+                   ("00000000000000000000000000000000", 34209, "sglang::scheduler_TP0")]
+
+
+def test_sockets_on_the_hosts_address_fail_the_loopback_check():
+    from reference_impl.conformance import ConformanceError, listeners_beyond_loopback
+    with pytest.raises(ConformanceError, match="51079"):
+        listeners_beyond_loopback(RUN_K_LISTENERS, tp_size=2)
+
+
+def test_only_the_tcpstore_wildcard_is_let_through():
+    from reference_impl.conformance import ConformanceError, listeners_beyond_loopback
+    pinned = [x for x in RUN_K_LISTENERS if x[0] != "020200C0"]
+    assert listeners_beyond_loopback(pinned, tp_size=2) == [(34209, "sglang::scheduler_TP0")]
+    assert listeners_beyond_loopback(pinned[:2], tp_size=1) == []
+    with pytest.raises(ConformanceError):  # a wildcard held by anything but a scheduler is not TCPStore's
+        listeners_beyond_loopback(pinned + [("00000000", 8080, "python -m sglang.launch_server")], tp_size=2)
