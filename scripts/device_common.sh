@@ -24,14 +24,15 @@ $PY -c "from reference_impl.models import resolve_model; print(resolve_model('ti
 
 splitrl_run() {  # name, then `splitrl run` args; RUN_TIMEOUT (480 s) bounds it, RUN_CSV collects its rows
   local name=$1; shift
-  timeout "${RUN_TIMEOUT:-480}" $PY -m reference_impl.cli run --results "${RUN_CSV:-$OUT/run-$name.csv}" \
+  timeout -k 60 "${RUN_TIMEOUT:-480}" $PY -m reference_impl.cli run --results "${RUN_CSV:-$OUT/run-$name.csv}" \
     --log-dir "$OUT/logs/run-$name" "$@" > "$OUT/logs/run-$name.log" 2>&1
   echo "run $name: exit $? at ${SECONDS}s | $(tail -1 "$OUT/logs/run-$name.log")"
 }
 
 pytest_job() {  # name, timeout s, CUDA_VISIBLE_DEVICES, pytest args: one bounded job, its CSV dir $OUT/name
+  # (SIGTERM at the bound lets pytest stop its servers; KILL 60 s later if the teardown hangs)
   local name=$1 t=$2 cvd=$3; shift 3
-  CUDA_VISIBLE_DEVICES=$cvd timeout "$t" $PY -m pytest "$@" -q -rs -p no:cacheprovider --failures-now \
+  CUDA_VISIBLE_DEVICES=$cvd timeout -k 60 "$t" $PY -m pytest "$@" -q -rs -p no:cacheprovider --failures-now \
     --results-dir "$OUT/$name" > "$OUT/logs/$name.log" 2>&1
   echo "$name exit $? at ${SECONDS}s: $(grep -E "passed|failed" "$OUT/logs/$name.log" | tail -1)"
 }
