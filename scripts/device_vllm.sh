@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The vLLM comparison on an offline GPU machine in two `run` calls on the SAME warm machine (vLLM + its deps are
+# ~85 MiB xz: more than one call can carry; results/VLLM-OFFLINE.md, "Kit scripts"):
+#
+#   call 1, carry [".vllm-kit/part1"]:  bash scripts/device_vllm.sh stash   # part1 -> /tmp/vllm-kit (survives while warm)
+#   (only a kit built with VLLM_KIT_KEEP_MOE=1: one more call, carry [".vllm-kit/part3"]: ... stash 3)
+#   call 2, carry [".vllm-kit/part2"]:  bash scripts/device_vllm.sh run [pytest args]
+#                                       # default args: suite -m gpu --backend both
+#
+# `run` installs PREFIX/vllm-venv (scripts/vllm_kit/install.sh; reused when already there) and runs pytest with
+# SPLITRL_VLLM_PYTHON set. The SGLang kit must already be installed in /tmp/splitrl by an earlier call of this warm
+# window (device_session.sh, carrying .gpu-kit): a third transfer, since .gpu-kit (56 MiB) and part2 don't fit together.
+# Build the parts first: bash scripts/vllm_kit/build.sh .vllm-kit. Everything lands in $OUT.
+set -u
+MODE=${1:?stash [1|3] | run [pytest args]}; shift
+KIT=/tmp/vllm-kit
+case $MODE in
+  stash)
+    P=${1:-1}
+    mkdir -p "$KIT" && cp ".vllm-kit/part$P/vllm-kit-part$P.tar.xz" "$KIT/" || { echo "stash: no .vllm-kit/part$P carried?"; exit 1; }
+    ls -la "$KIT"; df -h /tmp | tail -1
+    echo "stashed: now call 'bash scripts/device_vllm.sh run' with carry .vllm-kit/part2 before this machine goes back" ;;
+  run)
+    [ -f "$KIT/vllm-kit-part1.tar.xz" ] || { echo "no $KIT/vllm-kit-part1.tar.xz: a fresh machine; run 'stash' (carry .vllm-kit/part1) first"; exit 1; }
+    cp .vllm-kit/part2/vllm-kit-part2.tar.xz "$KIT/" || { echo "run: no .vllm-kit/part2 carried?"; exit 1; }
+    [ -x /tmp/splitrl/sglang-venv/bin/python ] || [ -f .gpu-kit/gpu-kit.tar.xz ] || {
+      echo "no SGLang kit in /tmp/splitrl and no .gpu-kit here: install it in an earlier call of this warm window"; exit 1; }
+    source "$(dirname "$0")/device_common.sh" || exit 1   # SGLang kit (reused), env, pytest_job, finish_outputs
+    timeout 300 bash scripts/vllm_kit/install.sh "$KIT" "$PREFIX" > "$OUT/vllm-install.log" 2>&1 \
+      || { echo "vllm install failed:"; tail -30 "$OUT/vllm-install.log"; exit 1; }
+    tail -1 "$OUT/vllm-install.log"
+    # the flashinfer wheel has no prebuilt kernels: its top-k/top-p sampler (vLLM's default on CUDA) would JIT-compile
+    # with nvcc at the first request; the PyTorch sampler needs nothing (server children inherit VLLM_* variables)
+    export SPLITRL_VLLM_PYTHON=$PREFIX/vllm-venv/bin/python NVSHMEM_DISABLE_NVLS=1 VLLM_USE_FLASHINFER_SAMPLER=0
+    # import check first (bounded): a missing dependency shows here in seconds, not after a server start timeout
+    timeout 120 "$SPLITRL_VLLM_PYTHON" -c 'import vllm, vllm.entrypoints.openai.api_server as a; print("vllm", vllm.__version__, "api_server imports")' \
+      > "$OUT/logs/vllm-import.log" 2>&1; echo "vllm import exit $?: $(tail -1 "$OUT/logs/vllm-import.log")"
+    [ $# -gt 0 ] || set -- suite -m gpu --backend both
+    LEFT=$((570 - SECONDS)); [ $LEFT -gt 60 ] || { echo "only ${LEFT}s left for pytest: not started"; finish_outputs; exit 1; }
+    pytest_job vllm-both $LEFT "$(seq -s, 0 $((N - 1)))" "$@"
+    grep -E "^(FAILED|ERROR|XFAIL)|passed|failed" "$OUT/logs/vllm-both.log" | tail -25
+    collect_jobs vllm-both; finish_outputs ;;
+  *) echo "unknown mode $MODE (stash [1|3] | run [pytest args])"; exit 2 ;;
+esac
