@@ -122,6 +122,21 @@ class HttpClient:
             return False
 
 
+def generate_request(input_ids: Sequence[Sequence[int]], sampling_json: dict,
+                     lora: str | Sequence[str | None] | None = None, return_logprob: bool = False,
+                     logprob_start_len: int = -1, top_logprobs_num: int = 0,
+                     extra_key: str | None = None) -> dict[str, Any]:
+    """The /generate body: SGLangClient.generate sends it, and the benchmark's raw path posts the same one."""
+    body: dict[str, Any] = {"input_ids": [list(map(int, ids)) for ids in input_ids], "sampling_params": sampling_json}
+    if extra_key is not None:
+        body["extra_key"] = extra_key
+    if lora is not None:
+        body["lora_path"] = lora if isinstance(lora, str) else list(lora)
+    if return_logprob:
+        body.update(return_logprob=True, logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num)
+    return body
+
+
 class SGLangClient(HttpClient):
     # -- info ------------------------------------------------------------------------------------------
     def server_info(self) -> dict:
@@ -145,15 +160,8 @@ class SGLangClient(HttpClient):
                  timeout_s: float | None = None, extra_key: str | None = None) -> list[GenerateResult]:
         """One batched /generate from token ids; `lora` is the adapter NAME (or one per prompt). `extra_key`
         namespaces the radix cache: a request only reuses prefixes cached under the same key."""
-        body: dict[str, Any] = {"input_ids": [list(map(int, ids)) for ids in input_ids],
-                                "sampling_params": sampling.as_json()}
-        if extra_key is not None:
-            body["extra_key"] = extra_key
-        if lora is not None:
-            body["lora_path"] = lora if isinstance(lora, str) else list(lora)
-        if return_logprob:
-            body.update(return_logprob=True, logprob_start_len=logprob_start_len,
-                        top_logprobs_num=top_logprobs_num)
+        body = generate_request(input_ids, sampling.as_json(), lora, return_logprob, logprob_start_len,
+                                top_logprobs_num, extra_key)
         js = self._json("POST", "/generate", body, timeout_s=timeout_s)
         items = js if isinstance(js, list) else [js]
         if len(items) != len(body["input_ids"]):

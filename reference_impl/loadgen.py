@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 
 import requests
 
+from .client import generate_request
+
 TOKEN_LO, TOKEN_HI = 1000, 150000  # ordinary Qwen3 BPE ids: no specials, no EOS
 
 
@@ -39,11 +41,7 @@ def sampling_json(gen_len: int, temperature: float = 1.0) -> dict:
 def generate_body(prompt: Sequence[int], gen_len: int, lora: str | None, temperature: float = 1.0) -> dict:
     """The body a GRPO rollout sends (loop.rollout through SGLangClient): with the sampler's output logprobs,
     which the ratio needs, so raw and harness measure the same request."""
-    body = {"input_ids": [list(map(int, prompt))], "sampling_params": sampling_json(gen_len, temperature)}
-    if lora is not None:
-        body["lora_path"] = lora
-    body.update(return_logprob=True, logprob_start_len=-1, top_logprobs_num=0)
-    return body
+    return generate_request([prompt], sampling_json(gen_len, temperature), lora, return_logprob=True)
 
 
 @dataclass
@@ -86,7 +84,8 @@ class PathResult:
 
 
 class RawSender:
-    """Plain HTTP: `requests` POST of generate_body(); no reference_impl client involved."""
+    """Plain HTTP: `requests` POST of generate_body() (the client's request body); no client object, session or
+    response parsing of reference_impl involved."""
     path = "raw"
 
     def __init__(self, base_url: str, timeout_s: float = 600.0):
