@@ -17,6 +17,16 @@ END=${L4_END:-570}
 CSV=$OUT/layouts-bench.csv
 RUN_ARGS=(--steps "${L4_STEPS:-5}" --prompts 12 --group-size 8 --max-new-tokens "${L4_GEN_LEN:-128}" --cuda-graphs)
 left() { echo $((END - SECONDS - 10)); }
+prebuild() {  # model shapes built on the CPU in the background while a suite runs (a warm machine keeps /tmp)
+  ( for m in "$@"; do
+      timeout 400 $PY -c "from reference_impl.models import resolve_model; print(resolve_model('$m'))"; done
+  ) > "$OUT/logs/prebuild.log" 2>&1 &
+}
+conf_job() {  # name, timeout s, layout args: the suite without test_one_gpu.py (one GPU whatever the layout)
+  local name=$1 t=$2; shift 2
+  pytest_job "$name" "$t" 0,1,2,3 suite -m gpu --ignore suite/conformance/test_one_gpu.py "$@"
+  grep -E "^(FAILED|XFAIL|ERROR)" "$OUT/logs/$name.log" | cut -c1-300 | tail -8
+}
 layout_run() {  # name, cap s, `splitrl run` args: bounded by the cap and by what is left of the call
   local name=$1 cap=$2 t; shift 2
   t=$(left); [ "$t" -gt "$cap" ] && t=$cap
@@ -26,17 +36,11 @@ layout_run() {  # name, cap s, `splitrl run` args: bounded by the cap and by wha
 
 case $MODE in
   conf)
-    # the bench calls' models, built on the CPU while the suites run (a warm machine keeps /tmp)
-    ( for m in qwen3-1.7b qwen3-4b; do
-        timeout 400 $PY -c "from reference_impl.models import resolve_model; print(resolve_model('$m'))"; done
-    ) > "$OUT/logs/prebuild.log" 2>&1 &
-    pytest_job conf-tp2x2 "${L4_CONF_S:-280}" 0,1,2,3 suite -m gpu --ignore suite/conformance/test_one_gpu.py \
-      --inference-gpus 0,1 --tp 2 --training-gpus 2,3
-    pytest_job conf-1x3 "$(left)" 0,1,2,3 suite -m gpu --ignore suite/conformance/test_one_gpu.py \
-      --inference-gpus 0 --training-gpus 1,2,3
+    prebuild qwen3-1.7b qwen3-4b
+    conf_job conf-tp2x2 "${L4_CONF_S:-280}" --inference-gpus 0,1 --tp 2 --training-gpus 2,3
+    conf_job conf-1x3 "$(left)" --inference-gpus 0 --training-gpus 1,2,3
     wait
     cat "$OUT/logs/prebuild.log"
-    for j in conf-tp2x2 conf-1x3; do grep -E "^(FAILED|XFAIL|ERROR)" "$OUT/logs/$j.log" | cut -c1-300 | tail -8; done
     collect_jobs conf-tp2x2 conf-1x3 ;;
   bench-a)
     layout_run 1x1-qwen3-1.7b 240 --model qwen3-1.7b --inference-gpus 0 --training-gpus 1 &
@@ -48,11 +52,9 @@ case $MODE in
     layout_run 2x2-qwen3-1.7b 220 --model qwen3-1.7b --inference-gpus 0,1 --tp 2 --training-gpus 2,3
     layout_run 2x2-qwen3-4b 280 --model qwen3-4b --inference-gpus 0,1 --tp 2 --training-gpus 2,3 ;;
   last)  # what is left when device time runs short
-    timeout 300 $PY -c "from reference_impl.models import resolve_model; print(resolve_model('qwen3-1.7b'))" \
-      > "$OUT/logs/prebuild.log" 2>&1 &
-    pytest_job conf-tp2x2 "${L4_CONF_S:-330}" 0,1,2,3 suite -m gpu --ignore suite/conformance/test_one_gpu.py \
-      --ignore suite/conformance/test_ddp_nccl.py --inference-gpus 0,1 --tp 2 --training-gpus 2,3
-    grep -E "^(FAILED|XFAIL|ERROR)" "$OUT/logs/conf-tp2x2.log" | cut -c1-300 | tail -8
+    prebuild qwen3-1.7b
+    conf_job conf-tp2x2 "${L4_CONF_S:-330}" --ignore suite/conformance/test_ddp_nccl.py \
+      --inference-gpus 0,1 --tp 2 --training-gpus 2,3
     collect_jobs conf-tp2x2
     wait
     layout_run 1x3-qwen3-1.7b 160 --model qwen3-1.7b --inference-gpus 0 --training-gpus 1,2,3

@@ -9,7 +9,6 @@ from reference_impl.metrics import gpu_processes
 from reference_impl.procs import pids_in_group
 
 pytestmark = [pytest.mark.gpu, pytest.mark.gpus(2)]
-LOOPBACK = C.LOOPBACK_HEX
 
 
 TCPSTORE_XFAIL = ("PyTorch c10d TCPStore binds all interfaces even for init_method tcp://127.0.0.1:<port> "
@@ -62,7 +61,7 @@ def test_processes_stay_on_their_gpus(lora_server, gpu_trainer, gpu_plan):
 def test_server_listens_on_loopback_only(lora_server):
     listeners = _listening_addresses(pids_in_group(lora_server.pid))
     http = [a for a, p, _ in listeners if p == lora_server.port]
-    assert http and set(http) <= LOOPBACK, f"HTTP port not loopback-only: {listeners}"
+    assert http and set(http) <= C.LOOPBACK_HEX, f"HTTP port not loopback-only: {listeners}"
     try:
         wide = C.listeners_beyond_loopback(listeners, lora_server.config.tp_size)
     except C.ConformanceError as e:
