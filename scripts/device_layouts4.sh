@@ -13,8 +13,8 @@
 #                        DDP) or 2x2 (0,1 TP=2 | 2,3 DDP): per step rollout_s, train_s, sync_ms, step_s and
 #                        rollout_output_tok_s, plus peak_vram_mib of every GPU of the layout; rows in one CSV.
 #   pair-1x1             1x1 runs of qwen3-1.7b (GPUs 0,1) and qwen3-4b (GPUs 2,3) side by side.
-# L4_END bounds the whole call (s); each task also has its own cap. Model shapes are built on the CPU in the
-# background while the first task runs (a warm machine keeps them in /tmp).
+# L4_END bounds the whole call (s); each task also has its own cap. The model shapes the runs need are built on
+# the CPU in the background while the first task runs (a warm machine keeps them in /tmp).
 set -u
 [ $# -gt 0 ] || { sed -n 2,18p "$0"; exit 2; }
 source "$(dirname "$0")/device_common.sh" || exit 1
@@ -30,10 +30,11 @@ layout_args() {  # 1x1 | 1x3 | 2x2 -> the GPU flags of that layout
     *) echo "unknown layout $1" >&2; return 1 ;;
   esac
 }
-run_cap() {  # s: measured on 4x H200 (server ~60 s, TP=2 ~150 s first start; trainer load; step 0 ~20 s compile)
+run_cap() {  # s: measured on 4x H100/H200 (server ~60 s, TP=2 ~150 s first start; trainer load; step 0 ~20 s compile;
+            # the 1+3 qwen3-1.7b run needed ~200 s to its last step)
   local cap=200
   case $1 in *4b) cap=$((cap + 50)) ;; esac
-  case $1 in 2x2-*) cap=$((cap + 90)) ;; esac
+  case $1 in 2x2-*) cap=$((cap + 90)) ;; 1x3-*) cap=$((cap + 40)) ;; esac  # TP=2 start; 3 ranks load and compile
   echo $cap
 }
 conf_job() {  # name, cap s, layout args
@@ -50,7 +51,8 @@ layout_run() {  # name, cap s, `splitrl run` args: bounded by the cap and by wha
   RUN_TIMEOUT=$t RUN_CSV=$CSV splitrl_run "$name" "${RUN_ARGS[@]}" "$@"
 }
 
-( for m in qwen3-1.7b qwen3-4b; do
+models=$(for t in "$@"; do case $t in run-*) echo "${t#run-*-}" ;; pair-1x1) echo qwen3-1.7b qwen3-4b ;; esac; done)
+( for m in $(echo $models | tr ' ' '\n' | sort -u); do
     timeout 400 $PY -c "from reference_impl.models import resolve_model; print(resolve_model('$m'))"; done
 ) > "$OUT/logs/prebuild.log" 2>&1 &
 for task in "$@"; do
