@@ -5,7 +5,7 @@
     splitrl env create [--prefix DIR] [--dry-run] | splitrl env check [--sglang-python PATH]
     splitrl run --model tiny --steps 30 [--strategy auto|hot-reload|restart|release-resume|merged] [--no-sync]
                 [--pipeline [--max-staleness 1] [--tis-cap 2.0]]
-    splitrl compare results/*.csv [--baseline LABEL] [--plot out.png] [--label-by device|file|backend]
+    splitrl compare results/*.csv [--baseline LABEL] [--plot out.png] [--label-by device|file|backend|param:NAME]
                     [--metric NAME ...] [--ignore-param NAME ...]
 """
 from __future__ import annotations
@@ -107,7 +107,7 @@ def cmd_run(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import main_compare
     return main_compare(args.csv, baseline=args.baseline, plot_path=args.plot, label_by=args.label_by,
-                        metrics=args.metric, ignore_params=args.ignore_param)
+                        metrics=args.metric, ignore_params=args.ignore_param, exclude=args.exclude)
 
 
 def _gpu_args(p: argparse.ArgumentParser) -> None:
@@ -165,10 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("csv", nargs="+")
     p.add_argument("--baseline")
     p.add_argument("--plot")
-    p.add_argument("--label-by", default="device", choices=["device", "file", "backend"])
+    p.add_argument("--label-by", default="device", metavar="device|file|backend|param:NAME",
+                   help="what a column is: the machine (default), the file, backend@machine, or machine plus one "
+                        "parameter's value (param:layout puts the 1+1, 1+3 and 2+2 runs side by side)")
     p.add_argument("--metric", action="append", help="only this metric (repeatable)")
     p.add_argument("--ignore-param", action="append",
                    help="drop this parameter before matching rows across files (repeatable), e.g. mem_fraction")
+    p.add_argument("--exclude", action="append", metavar="NAME=VALUE",
+                   help="leave out rows whose parameter NAME is VALUE (repeatable), e.g. step=0 (the warm-up step)")
     p.set_defaults(fn=cmd_compare)
     return ap
 

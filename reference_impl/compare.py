@@ -18,21 +18,26 @@ MAX_PLOT_ROWS = 40
 
 def compare(
     paths, baseline: str | None = None, label_by: str = "device", metrics: list[str] | None = None,
-    ignore_params: list[str] | None = None,
+    ignore_params: list[str] | None = None, exclude: list[str] | None = None,
 ) -> pd.DataFrame:
     """One row per (suite, test, model, params, metric); one median column per label,
     then `<label>/<baseline>` ratio columns. df.attrs holds 'labels', 'baseline' and 'ignored_params'.
     ignore_params: parameter names dropped before grouping, so runs that differ only there line up (say so
-    wherever the table is shown: the rows then mix those settings)."""
+    wherever the table is shown: the rows then mix those settings).
+    exclude: "NAME=VALUE" filters: rows whose params have NAME equal to VALUE are left out (step=0: the warm-up
+    step, when Unsloth compiles), before ignore_params could drop NAME."""
     paths = [str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if baseline and Path(baseline).is_file() and not _same_file_listed(baseline, paths):
         paths.append(baseline)  # `--baseline old.csv` compares against a file not listed
     df = read_results(paths)
     if metrics:
         df = df[df["metric"].isin(metrics)]
-    if ignore_params:
-        df = df.assign(params=df["params"].map(lambda text: _without(text, ignore_params)))
-    df = df.assign(label=_labels(df, label_by))
+    for name, value in map(_parse_exclude, exclude or []):
+        df = df[~df["params"].map(lambda text: _param_text(text, name) == value)]
+    df = df.assign(label=_labels(df, label_by))  # from the params as written: param:NAME reads one
+    dropped = list(ignore_params or []) + ([_label_param(label_by)] if _label_param(label_by) else [])
+    if dropped:
+        df = df.assign(params=df["params"].map(lambda text: _without(text, dropped)))
     labels = list(dict.fromkeys(df["label"]))  # first-seen order, so the first file comes first
     base = _resolve_baseline(df, labels, baseline, paths)
     medians = df.groupby(GROUP_KEYS + ["label"], sort=False)["value"].median()
@@ -51,19 +56,49 @@ def compare(
     return table
 
 
+def _parse_exclude(spec: str) -> tuple[str, str]:
+    name, sep, value = spec.partition("=")
+    if not sep or not name:
+        raise ValueError(f"exclude takes NAME=VALUE (e.g. step=0), got {spec!r}")
+    return name, value
+
+
+def _param_text(params_json: str, name: str) -> str | None:
+    """The parameter as the command line writes it: 0, 1+3, true (JSON's text for non-strings)."""
+    params = json.loads(params_json)
+    if name not in params:
+        return None
+    value = params[name]
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def _without(params_json: str, names) -> str:
     params = json.loads(params_json)
     return json.dumps({k: v for k, v in params.items() if k not in names}, sort_keys=True, separators=(",", ":"))
 
 
+def _label_param(label_by: str) -> str | None:
+    """`param:layout` -> "layout": columns by that parameter's value (and device), rows matched without it."""
+    if not label_by.startswith("param:"):
+        return None
+    name = label_by.split(":", 1)[1]
+    if not name:
+        raise ValueError("label_by param: needs a parameter name, e.g. param:layout")
+    return name
+
+
 def _labels(df: pd.DataFrame, label_by: str) -> pd.Series:
-    if label_by not in LABEL_MODES:
-        raise ValueError(f"label_by must be one of {', '.join(LABEL_MODES)}, got {label_by!r}")
+    if label_by not in LABEL_MODES and not _label_param(label_by):
+        raise ValueError(f"label_by must be one of {', '.join(LABEL_MODES)} or param:NAME, got {label_by!r}")
     if label_by == "file":
         return df["source"].map(lambda source: Path(source).stem)
     device = df.apply(_device_label, axis=1) if len(df) else pd.Series([], dtype=str)
     if label_by == "backend":
         return df["backend"] + "@" + device
+    name = _label_param(label_by)
+    if name:  # a row without the parameter says so rather than joining another column
+        values = df["params"].map(lambda text: json.loads(text).get(name, "unset"))
+        return device + f" {name}=" + values.astype(str)
     return device
 
 
@@ -175,15 +210,20 @@ def _shared_params(rows: pd.DataFrame) -> frozenset:
 
 
 def main_compare(argv_paths, baseline=None, plot_path=None, label_by="device", metrics=None,
-                 ignore_params=None) -> int:
+                 ignore_params=None, exclude=None) -> int:
     """CLI entry: print the table (and write the plot); 2 on unreadable input."""
     try:
-        df = compare(argv_paths, baseline=baseline, label_by=label_by, metrics=metrics, ignore_params=ignore_params)
+        df = compare(argv_paths, baseline=baseline, label_by=label_by, metrics=metrics, ignore_params=ignore_params,
+                     exclude=exclude)
     except (CsvFormatError, ValueError, OSError) as error:
         print(_one_line(error), file=sys.stderr)
         return 2
     if ignore_params:
         print(f"params ignored (rows mix their values): {', '.join(ignore_params)}")
+    if exclude:
+        print(f"rows left out: {', '.join(exclude)}")
+    if _label_param(label_by):
+        print(f"columns by {label_by} (rows matched without it)")
     print(format_table(df))
     if plot_path:
         plot(df, plot_path)

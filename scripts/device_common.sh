@@ -32,7 +32,7 @@ splitrl_run() {  # name, then `splitrl run` args; RUN_TIMEOUT (480 s) bounds it,
 pytest_job() {  # name, timeout s, CUDA_VISIBLE_DEVICES, pytest args: one bounded job, its CSV dir $OUT/name
   # (SIGTERM at the bound lets pytest stop its servers; KILL 60 s later if the teardown hangs)
   local name=$1 t=$2 cvd=$3; shift 3
-  CUDA_VISIBLE_DEVICES=$cvd timeout -k 60 "$t" $PY -m pytest "$@" -q -rs -p no:cacheprovider --failures-now \
+  CUDA_VISIBLE_DEVICES=$cvd timeout -k 60 "$t" $PY -m pytest "$@" -q -rsx -p no:cacheprovider --failures-now \
     --results-dir "$OUT/$name" > "$OUT/logs/$name.log" 2>&1
   echo "$name exit $? at ${SECONDS}s: $(grep -E "passed|failed" "$OUT/logs/$name.log" | tail -1)"
 }

@@ -116,6 +116,60 @@ def test_compare_baseline_by_label_or_file_and_other_label_modes(two_machines):
         compare([h100, h200], baseline="nope")
 
 
+def test_compare_by_a_param_puts_layouts_of_one_file_side_by_side(tmp_path, capsys):
+    """param:layout: one column per (machine, layout), rows matched without the layout; a row without the
+    parameter gets its own column instead of joining a layout's."""
+    path = tmp_path / "layouts.csv"
+    writer = ResultsWriter(path, fingerprint=fingerprint("nvidia-h200-x4", "NVIDIA H200"))
+    writer.append(decode_rows([2.0, 2.2], metric="step_s", layout="1+1", tp=1)
+                  + decode_rows([1.5], metric="step_s", layout="1+3", tp=1)
+                  + decode_rows([9.0], metric="step_s", tp=1))
+    df = compare([path], label_by="param:layout")
+    assert df.attrs["labels"] == ["nvidia-h200-x4 layout=1+1", "nvidia-h200-x4 layout=1+3",
+                                  "nvidia-h200-x4 layout=unset"]
+    assert len(df) == 1 and df["params"].iloc[0] == '{"tp":1}'
+    row = df.iloc[0]
+    assert row["nvidia-h200-x4 layout=1+1"] == pytest.approx(2.1)
+    assert row["nvidia-h200-x4 layout=1+3/nvidia-h200-x4 layout=1+1"] == pytest.approx(1.5 / 2.1)
+    assert main_compare([str(path)], label_by="param:layout") == 0
+    assert "columns by param:layout (rows matched without it)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="parameter name"):
+        compare([path], label_by="param:")
+    with pytest.raises(ValueError, match="param:NAME"):
+        compare([path], label_by="layout")
+
+
+def test_compare_excludes_rows_by_a_param_value(tmp_path, capsys):
+    """--exclude step=0 drops the warm-up step before --ignore-param step pools the rest; the value is matched as
+    the command line writes it (0 for the JSON number, 1+3 for a string)."""
+    path = tmp_path / "steps.csv"
+    writer = ResultsWriter(path, fingerprint=fingerprint("nvidia-h100-x4"))
+    for step, value in enumerate([20.0, 1.5, 1.4, 1.6]):
+        writer.append(decode_rows([value], metric="step_s", step=step, layout="1+3"))
+    pooled = compare([path], ignore_params=["step"])
+    assert pooled["nvidia-h100-x4"].iloc[0] == pytest.approx(1.55)  # the median still sees the warm-up
+    warm = compare([path], ignore_params=["step"], exclude=["step=0"])
+    assert warm["nvidia-h100-x4"].iloc[0] == pytest.approx(1.5)
+    assert compare([path], exclude=["layout=1+3"]).empty
+    assert len(compare([path], exclude=["step=7"])) == 4  # no such value: nothing dropped
+    assert main_compare([str(path)], ignore_params=["step"], exclude=["step=0"]) == 0
+    assert "rows left out: step=0" in capsys.readouterr().out
+    assert main_compare([str(path)], exclude=["step"]) == 2
+    assert "NAME=VALUE" in capsys.readouterr().err
+
+
+def test_compare_cli_takes_label_by_param_and_exclude(tmp_path, capsys):
+    from reference_impl.cli import main
+
+    path = tmp_path / "steps.csv"
+    rows = [decode_rows([value], metric="step_s", step=step, layout=layout)[0]
+            for value, step, layout in [(20.0, 0, "1+1"), (2.0, 1, "1+1"), (1.0, 1, "1+3")]]
+    ResultsWriter(path, fingerprint=fingerprint("nvidia-h100-x4")).append(rows)
+    assert main(["compare", str(path), "--label-by", "param:layout", "--exclude", "step=0"]) == 0
+    out = capsys.readouterr().out
+    assert "nvidia-h100-x4 layout=1+3/nvidia-h100-x4 layout=1+1" in out and "0.500x" in out
+
+
 def test_device_label_falls_back_to_count_and_gpu_name(tmp_path):
     path = tmp_path / "a.csv"
     ResultsWriter(path, fingerprint=fingerprint("", "NVIDIA H100", "2")).append(decode_rows([1.0]))
