@@ -52,8 +52,12 @@ layout_run() {  # name, cap s, `splitrl run` args: bounded by the cap and by wha
 }
 
 models=$(for t in "$@"; do case $t in run-*) echo "${t#run-*-}" ;; pair-1x1) echo qwen3-1.7b qwen3-4b ;; esac; done)
+# On a GPU when a run comes first (as the benchmarks build theirs: the CPU took ~100 s for 1.7B). Under a suite, on
+# the CPU: SGLang sizes its KV pool from the memory free at launch.
+case ${1:-} in run-*|pair-*) build_on=cuda ;; *) build_on=cpu ;; esac
 ( for m in $(echo $models | tr ' ' '\n' | sort -u); do
-    timeout 400 $PY -c "from reference_impl.models import resolve_model; print(resolve_model('$m'))"; done
+    timeout 400 $PY -c "from reference_impl.models import resolve_model as r; print(r('$m', device='$build_on'))"
+  done
 ) > "$OUT/logs/prebuild.log" 2>&1 &
 for task in "$@"; do
   case $task in

@@ -13,9 +13,12 @@ step n+1 overlapping training of step n: reference_impl.pipeline, max staleness 
 objective as `splitrl run --pipeline`), single-GPU restart and single-GPU
 release/resume (server and trainer on the first training GPU, which is the only GPU on a 1-GPU machine), and
 TRL GRPOTrainer with HF generate on the training GPU. Rows: per step (reference_impl.loop.step_rows, params
-step=k) and summaries: step_s/rollout_s/train_s/sync_ms with stat=median_after_first (step 0 carries the
-first-use compile: the warm-up), and step_s with stat=wall_per_step (whole run wall / steps; TRL's
+step=k) and summaries: step_s/rollout_s/train_s/sync_ms with stat=median_after_first (step 0 left out: its
+first adapter load and first rollouts), and step_s with stat=wall_per_step (whole run wall / steps; TRL's
 train_runtime / steps). The loop runs once (pedantic rounds=1, no warm-up round: step 0 is the warm-up).
+Unsloth's first-use compile is paid once per process before the first variant (fixture trainer_warmed: one step
+of the same shape on a throwaway trainer, recorded as warmup_train_s), so no variant's wall_per_step carries it;
+the TRL peer runs in a child process of its own and pays its own first step.
 Each variant also gets gpu_busy_ratio / gpu_active_ratio per GPU (params gpu=i: NVML utilisation sampled over
 the run, metrics.UtilizationSampler), and step_time_ratio rows (split_pipelined/split, split_pipelined/trl_peer,
 split/trl_peer; wall per step and median after first) are written as soon as both variants of a pair have run.
@@ -58,6 +61,22 @@ def step_model():
     return model_with_weights(STEP_MODEL)
 
 
+@pytest.fixture(scope="module")
+def trainer_warmed(step_model, results_writer):
+    """Unsloth compiles on a process's first training step and keeps the result; without this the variant that
+    trains first would carry it in its wall_per_step. One step of the benchmark's shape on a throwaway trainer
+    pays it up front, recorded as warmup_train_s (model load included)."""
+    from reference_impl.tasks import WordStartTask
+    from reference_impl.warmup import warm_up_trainer
+
+    backend = trainer_backend()
+    seconds = warm_up_trainer(_trainer_config(step_model, backend), WordStartTask(str(step_model.path)), LOOP)
+    free_cuda_cache()
+    base = row_base("step_warmup", step_model.name, mode="warmup", strategy="none")
+    results_writer.append(scalar_rows(base, {"warmup_train_s": seconds}, {**_params(), "trainer": backend}))
+    return seconds
+
+
 @pytest.fixture(scope="module", autouse=True)
 def step_time_ratios(results_writer):
     """Clears the step times at the module's start; write_new_ratios() adds each step_time_ratio row as soon as
@@ -94,15 +113,13 @@ def _run_variant(benchmark, results_writer, model, engine, strategy, name: str, 
     from reference_impl.job import DEFAULT_PIPELINE_TIS_CAP
     from reference_impl.pipeline import PipelineConfig, run_pipelined
     from reference_impl.tasks import WordStartTask
-    from reference_impl.trainer import LoraSpec, LoraTrainer, TrainerConfig
+    from reference_impl.trainer import LoraTrainer
 
     backend = trainer_backend()
     benchmark.group = "grpo-step"
     base = row_base(f"step_{name}", model.name, mode=mode, strategy=strategy.name)
     params = {**_params(), "trainer": backend, **({"max_staleness": 1} if pipelined else {})}
-    trainer = LoraTrainer(TrainerConfig(model_path=str(model.path), backend=backend,
-                                        lora=LoraSpec(rank=RANK, alpha=ALPHA), lr=LR, device="cuda",
-                                        dtype="bfloat16", tis_cap=DEFAULT_PIPELINE_TIS_CAP if pipelined else None))
+    trainer = LoraTrainer(_trainer_config(model, backend, DEFAULT_PIPELINE_TIS_CAP if pipelined else None))
     task = WordStartTask(str(model.path))
     out: dict = {}
 
@@ -139,6 +156,13 @@ def _run_variant(benchmark, results_writer, model, engine, strategy, name: str, 
                                 rewards=[r.reward for r in records], trainer=backend,
                                 staleness=[r.staleness_max for r in records])
     assert len(records) == LOOP.steps
+
+
+def _trainer_config(model, backend: str, tis_cap: float | None = None):
+    from reference_impl.trainer import LoraSpec, TrainerConfig
+
+    return TrainerConfig(model_path=str(model.path), backend=backend, lora=LoraSpec(rank=RANK, alpha=ALPHA), lr=LR,
+                         device="cuda", dtype="bfloat16", tis_cap=tis_cap)
 
 
 def _single_gpu_config(server_pool, bench_plan, model, **changes):
@@ -188,7 +212,7 @@ def test_step_trl_peer(benchmark, bench_plan, step_model, results_writer, tmp_pa
 
 @pytest.mark.gpus(2)
 @pytest.mark.parametrize("variant", ["split", "split_pipelined"])
-def test_step_split(benchmark, server_slot, bench_plan, step_model, results_writer, variant):
+def test_step_split(benchmark, server_slot, bench_plan, step_model, results_writer, variant, trainer_warmed):
     """Hot reload on a split, sequential and pipelined, on the same server (the slot reuses it)."""
     from reference_impl.sync import HotReload
 
@@ -207,7 +231,7 @@ def test_step_split(benchmark, server_slot, bench_plan, step_model, results_writ
 
 
 @pytest.mark.gpus(1)
-def test_step_single_gpu_restart(benchmark, server_pool, bench_plan, step_model, results_writer):
+def test_step_single_gpu_restart(benchmark, server_pool, bench_plan, step_model, results_writer, trainer_warmed):
     from reference_impl.sync import Restart
 
     srv = SGLangServer(_single_gpu_config(server_pool, bench_plan, step_model))  # Restart.publish(0) starts it
@@ -219,7 +243,8 @@ def test_step_single_gpu_restart(benchmark, server_pool, bench_plan, step_model,
 
 
 @pytest.mark.gpus(1)
-def test_step_single_gpu_release_resume(benchmark, server_pool, bench_plan, step_model, results_writer):
+def test_step_single_gpu_release_resume(benchmark, server_pool, bench_plan, step_model, results_writer,
+                                        trainer_warmed):
     from reference_impl.sync import ReleaseResume
 
     gpu = bench_plan.training[0].index
