@@ -24,7 +24,7 @@ import os
 import statistics
 from dataclasses import dataclass, field
 
-from .loadgen import ClosedLoop, HarnessSender, PathResult, RawSender, make_prompts
+from .loadgen import ClosedLoop, PathResult, make_prompts, senders_for
 from .metrics import ModelShape, mbu, peak_bandwidth_bytes_s
 from .results import ResultRow
 
@@ -89,10 +89,12 @@ class SideBySide:
     cache before each pass and alternating which path goes first, so neither path inherits cache or
     warm-up from the other."""
 
-    def __init__(self, base_url: str, spec: LoadSpec, timeout_s: float = 600.0, senders=None):
+    def __init__(self, base_url: str, spec: LoadSpec, timeout_s: float = 600.0, senders=None,
+                 backend: str = "sglang", model: str | None = None):
         self.spec = spec
-        self.raw = RawSender(base_url, timeout_s)
-        self.senders = senders or [self.raw, HarnessSender(base_url, timeout_s)]
+        # senders[0] is the raw path: it also probes TTFT and flushes the cache between passes
+        self.senders = senders or senders_for(backend, base_url, model, timeout_s)
+        self.raw = self.senders[0]
         self.loop = ClosedLoop(spec.concurrency)
         self.rounds: list[RoundResult] = []
 

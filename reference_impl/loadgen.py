@@ -1,11 +1,13 @@
-"""Closed-loop load generator for SGLang's /generate: one request per prompt, at most C in flight.
+"""Closed-loop load generator: one request per prompt, at most C in flight, against SGLang or vLLM.
 
-Two senders build the SAME request body for a prompt so their throughput can be compared side by side:
-  raw      plain `requests` POST of the JSON body to /generate (a thread-local Session per worker)
-  harness  the reference implementation's SGLangClient.generate (a thread-local client per worker)
-The body is batched-of-one (`"input_ids": [ids]`), exactly what SGLangClient sends for one prompt.
+Two senders per backend build the SAME request body for a prompt so their throughput can be compared side by side:
+  raw      plain `requests` POST of the JSON body (a thread-local Session per worker): SGLang's /generate,
+           vLLM's /v1/completions
+  harness  the reference implementation's client (SGLangClient / VLLMClient).generate, thread-local per worker
+SGLang's body is batched-of-one (`"input_ids": [ids]`), exactly what SGLangClient sends for one prompt; vLLM's is
+vllm_client.completion_request, what VLLMClient sends for one prompt.
 
-GPU-free: runs against any HTTP server with SGLang's /generate shape (the CPU tests use the FAKE server).
+GPU-free: runs against any HTTP server of those shapes (the CPU tests use the FAKE servers).
 """
 from __future__ import annotations
 
@@ -138,6 +140,66 @@ class HarnessSender:
                                                                    ignore_eos=True), lora=lora,
                                               return_logprob=True)[0]
         return Reply(res.prompt_tokens, res.completion_tokens, res.cached_tokens, len(res.output_ids))
+
+
+class VLLMRawSender(RawSender):
+    """Plain HTTP to vLLM: `requests` POST of vllm_client.completion_request() to /v1/completions, one prompt per
+    request (as VLLMClient sends them). `model` is the served base name; an adapter is named in its place."""
+
+    def __init__(self, base_url: str, model: str, timeout_s: float = 600.0):
+        super().__init__(base_url, timeout_s)
+        self.model = model
+
+    def __call__(self, prompt, gen_len: int, lora: str | None, temperature: float = 1.0) -> Reply:
+        from .client import SamplingParams
+        from .vllm_client import completion_request
+
+        sampling = SamplingParams(max_new_tokens=gen_len, temperature=temperature, ignore_eos=True)
+        r = self._session().post(self.url + "/v1/completions", timeout=self.timeout_s,
+                                 json=completion_request(prompt, sampling, lora or self.model, return_logprob=True))
+        if r.status_code != 200:
+            raise RuntimeError(f"/v1/completions -> HTTP {r.status_code}: {r.text[:500]}")
+        js = r.json()
+        usage, choice = js.get("usage") or {}, (js.get("choices") or [{}])[0]
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        return Reply(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)), int(cached),
+                     len(choice.get("token_ids") or []))
+
+    def flush_cache(self, wait_idle_s: float = 30.0) -> None:
+        """POST /reset_prefix_cache (a dev route); vLLM answers success=false while blocks are in use: retried."""
+        from .vllm_client import VLLMClient
+
+        VLLMClient(self.url, timeout_s=wait_idle_s + 30, model=self.model).flush_cache(wait_idle_s=wait_idle_s)
+
+
+class VLLMHarnessSender(HarnessSender):
+    """The reference implementation's rollout path on vLLM: VLLMClient.generate([prompt], ..., return_logprob=True)."""
+
+    def __init__(self, base_url: str, model: str, timeout_s: float = 600.0):
+        super().__init__(base_url, timeout_s)
+        self.model = model
+
+    def __call__(self, prompt, gen_len: int, lora: str | None, temperature: float = 1.0) -> Reply:
+        from .client import SamplingParams
+        from .vllm_client import VLLMClient
+
+        if not hasattr(self._local, "client"):
+            self._local.client = VLLMClient(self.url, timeout_s=self.timeout_s, model=self.model, max_workers=1)
+        res = self._local.client.generate([prompt], SamplingParams(max_new_tokens=gen_len, temperature=temperature,
+                                                                   ignore_eos=True), lora=lora,
+                                          return_logprob=True)[0]
+        return Reply(res.prompt_tokens, res.completion_tokens, res.cached_tokens, len(res.output_ids))
+
+
+def senders_for(backend: str, base_url: str, model: str | None = None, timeout_s: float = 600.0) -> list:
+    """[raw, harness] for the backend; vLLM needs the served base model's name."""
+    if backend == "sglang":
+        return [RawSender(base_url, timeout_s), HarnessSender(base_url, timeout_s)]
+    if backend == "vllm":
+        if not model:
+            raise ValueError("vLLM senders need the served model name")
+        return [VLLMRawSender(base_url, model, timeout_s), VLLMHarnessSender(base_url, model, timeout_s)]
+    raise ValueError(f"unknown backend {backend!r} (sglang or vllm)")
 
 
 Sender = Callable[..., Reply]

@@ -63,19 +63,8 @@ class VLLMClient(HttpClient):
     # -- generation ------------------------------------------------------------------------------------
     def completion_body(self, prompt: Sequence[int], sampling: SamplingParams, lora: str | None,
                         return_logprob: bool, logprob_start_len: int, top_logprobs_num: int) -> dict:
-        body: dict[str, Any] = {"model": lora or self.model, "prompt": [int(t) for t in prompt],
-                                "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
-                                "top_p": sampling.top_p, "top_k": sampling.top_k, "ignore_eos": sampling.ignore_eos,
-                                "return_token_ids": True, "return_tokens_as_token_ids": True, "stream": False}
-        if sampling.stop_token_ids:
-            body["stop_token_ids"] = list(sampling.stop_token_ids)
-        if sampling.sampling_seed is not None:
-            body["seed"] = sampling.sampling_seed
-        if return_logprob:
-            body["logprobs"] = max(0, int(top_logprobs_num))
-            if logprob_start_len >= 0:
-                body["prompt_logprobs"] = max(0, int(top_logprobs_num))
-        return body
+        return completion_request(prompt, sampling, lora or self.model, return_logprob, logprob_start_len,
+                                  top_logprobs_num)
 
     def generate(self, input_ids: Sequence[Sequence[int]], sampling: SamplingParams,
                  lora: str | Sequence[str | None] | None = None, return_logprob: bool = False,
@@ -146,6 +135,24 @@ class VLLMClient(HttpClient):
         return bool(self._json("GET", "/is_sleeping", timeout_s=timeout_s).get("is_sleeping"))
 
 
+def completion_request(prompt: Sequence[int], sampling: SamplingParams, model: str, return_logprob: bool = False,
+                       logprob_start_len: int = -1, top_logprobs_num: int = 0) -> dict:
+    """The /v1/completions body for one prompt: what VLLMClient.generate sends, and the benchmark's raw path."""
+    body: dict[str, Any] = {"model": model, "prompt": [int(t) for t in prompt],
+                            "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
+                            "top_p": sampling.top_p, "top_k": sampling.top_k, "ignore_eos": sampling.ignore_eos,
+                            "return_token_ids": True, "return_tokens_as_token_ids": True, "stream": False}
+    if sampling.stop_token_ids:
+        body["stop_token_ids"] = list(sampling.stop_token_ids)
+    if sampling.sampling_seed is not None:
+        body["seed"] = sampling.sampling_seed
+    if return_logprob:
+        body["logprobs"] = max(0, int(top_logprobs_num))
+        if logprob_start_len >= 0:
+            body["prompt_logprobs"] = max(0, int(top_logprobs_num))
+    return body
+
+
 def _vllm_error_message(r: requests.Response) -> str:
     try:
         js = r.json()
@@ -194,4 +201,4 @@ def result_from_completion(js: dict, prompt: list[int], logprob_start_len: int =
                                                           "stop_reason": ch.get("stop_reason")})
 
 
-__all__ = ["VLLMClient", "result_from_completion"]
+__all__ = ["VLLMClient", "completion_request", "result_from_completion"]

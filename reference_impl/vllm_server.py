@@ -49,6 +49,7 @@ class VLLMServerConfig:
     prompt_tokens_details: bool = True  # usage.prompt_tokens_details.cached_tokens in every answer
     attention_backend: str = "TRITON_ATTN"  # no FlashAttention kernels needed (stripped from an offline kit)
     enforce_eager: bool = True         # no CUDA graphs / torch.compile: fast, predictable start
+    load_format: str = "auto"          # "dummy": random weights from config.json (throughput of a shape)
     seed: int = 0
     dtype: str = "bfloat16"
     extra_args: list[str] = field(default_factory=list)
@@ -74,6 +75,8 @@ class VLLMServerConfig:
                 args += ["--max-cpu-loras", str(self.max_cpu_loras)]
         if self.enforce_eager:
             args += ["--enforce-eager"]
+        if self.load_format != "auto":
+            args += ["--load-format", self.load_format]
         if self.sleep_mode:
             args += ["--enable-sleep-mode"]
         args += ["--enable-prefix-caching" if self.enable_prefix_caching else "--no-enable-prefix-caching"]

@@ -113,9 +113,13 @@ def model_with_weights(shape: str):
 
 
 @pytest.fixture(autouse=True)
-def _sglang_benchmarks_only(request):
-    """The benchmark bodies build SGLang configs; under --backend vllm|both their vLLM runs skip, saying so."""
-    if request.config.getoption("--backend") != "sglang" and "backend" in request.fixturenames:
-        if request.getfixturevalue("backend") == "vllm":
-            pytest.skip("benchmarks are wired for SGLang only so far (vLLM: server and client exist, "
-                        "benchmark bodies not ported)")
+def _backends_of_the_benchmark(request):
+    """A benchmark body runs against the backends its `backends` marker names (SGLang when it has none: its
+    config is SGLang's); under --backend vllm|both the others skip, saying so."""
+    if request.config.getoption("--backend") == "sglang" or "backend" not in request.fixturenames:
+        return
+    backend = request.getfixturevalue("backend")
+    marker = request.node.get_closest_marker("backends")
+    supported = marker.args if marker else ("sglang",)
+    if backend not in supported:
+        pytest.skip(f"this benchmark runs on {', '.join(supported)} only, not {backend}")

@@ -1,6 +1,8 @@
-"""Dry run of the GPU benchmark bodies on the CPU, against the FAKE SGLang server launched as a child process.
+"""Dry run of the GPU benchmark bodies on the CPU, against the FAKE SGLang and FAKE vLLM servers launched as child
+processes.
 
-The fake (fixtures.fake_sglang) is a TEST DOUBLE: these runs prove that the benchmark code paths (server slot,
+The fakes (fixtures.fake_sglang, fixtures.fake_vllm) are TEST DOUBLES: these runs prove that the benchmark code
+paths (server slot,
 side-by-side rounds, adapters, sync strategies, rows into the results CSV) work end to end; every number
 they produce is meaningless and goes to a temp CSV. pytest-benchmark is replaced by a stub, so nothing here
 shows up as a benchmark. Step benchmarks are not dry-run: their trainer needs CUDA.
@@ -17,7 +19,8 @@ import pytest
 from fixtures.gpu import TEST_POOL, ServerPool
 from reference_impl.devices import GpuInfo
 from reference_impl.results import ResultsWriter, read_results
-from reference_impl.server import ServerConfig
+from reference_impl.server import ServerConfig, SGLangServer
+from reference_impl.vllm_server import VLLMServer, VLLMServerConfig
 
 from . import test_bench_merged as merged_mod
 from . import test_bench_rollout as rollout_mod
@@ -42,13 +45,50 @@ class StubBenchmark:
 
 @pytest.fixture
 def pool(tmp_path, model_dir):
-    # the fake child must be this checkout's (an editable install elsewhere would otherwise win)
-    here = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    base = ServerConfig(python=sys.executable, model_path=str(model_dir.path), launch_module="fixtures.fake_sglang",
-                        lora=TEST_POOL, log_dir=tmp_path / "logs", startup_timeout_s=60, extra_env=here)
-    p = ServerPool(base)
+    p = ServerPool(_fake_config("sglang", tmp_path, model_dir), recording(SGLangServer))
     yield p
     p.close()
+
+
+@pytest.fixture
+def vllm_pool(tmp_path, model_dir):
+    p = ServerPool(_fake_config("vllm", tmp_path, model_dir), recording(VLLMServer))
+    yield p
+    p.close()
+
+
+def _fake_config(backend: str, tmp_path, model_dir):
+    # the fake child must be this checkout's (an editable install elsewhere would otherwise win)
+    here = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    common = dict(python=sys.executable, model_path=str(model_dir.path), log_dir=tmp_path / "logs",
+                  startup_timeout_s=60, extra_env=here)
+    if backend == "vllm":
+        return VLLMServerConfig(launch_module="fixtures.fake_vllm", max_lora_rank=TEST_POOL.max_rank,
+                                max_loras=TEST_POOL.max_loras_per_batch, **common)
+    return ServerConfig(launch_module="fixtures.fake_sglang", lora=TEST_POOL, **common)
+
+
+def recording(server_cls):
+    """A subclass that keeps the config of every server it starts (class attribute `launched`)."""
+    class Recording(server_cls):
+        launched: list = []
+
+        def start(self):
+            Recording.launched.append(self.config)
+            return super().start()
+    return Recording
+
+
+def srv_argv(pool) -> list[str]:
+    """The command line of the last server the pool launched."""
+    assert pool.server_cls.launched, "the pool launched no server"
+    return [str(a) for a in pool.server_cls.launched[-1].argv(0)]
+
+
+@pytest.fixture(params=["sglang", "vllm"])
+def backend_pool(request):
+    """(backend, pool of that backend's FAKE server)."""
+    return request.param, request.getfixturevalue("pool" if request.param == "sglang" else "vllm_pool")
 
 
 @pytest.fixture
@@ -69,17 +109,24 @@ def _rows(writer):
 
 
 @pytest.mark.parametrize("variant", ["base", "lora"])
-def test_rollout_body_on_the_fake(variant, pool, plan, writer, tmp_path_factory, monkeypatch):
+def test_rollout_body_on_the_fake(variant, backend_pool, plan, writer, tmp_path_factory, monkeypatch):
+    backend, pool = backend_pool
     for name, value in dict(PROMPT_LEN=12, GEN_LEN=4, ROUNDS=2, REQUESTS_PER_SLOT=2).items():
         monkeypatch.setattr(rollout_mod, name, value)
     slot, bench = ServerSlot(pool), StubBenchmark()
     try:
         for c in (1, 3):
-            rollout_mod.test_rollout_throughput(bench, "tiny", variant, c, slot, plan, writer, tmp_path_factory)
+            rollout_mod.test_rollout_throughput(bench, "tiny", variant, c, slot, plan, writer, tmp_path_factory,
+                                                backend)
     finally:
         slot.release()
+    if backend == "vllm":  # the server got the backend's own flags for the variant
+        argv = srv_argv(pool)
+        assert "--enforce-eager" not in argv and ("--enable-lora" in argv) == (variant == "lora")
+        assert ("--load-format" in argv) == (variant == "base")
     assert bench.calls == 2 * (1 + 2) and "nvml_error" in bench.extra_info  # no NVML here: recorded, not raised
     rows = _rows(writer)
+    assert set(read_results(writer.path)["backend"]) == {backend}
     tput = [p for m, p in rows if m == "output_tok_s"]
     assert {(p["concurrency"], p["path"]) for p in tput} == {(1, "raw"), (1, "harness"), (3, "raw"), (3, "harness")}
     assert {p["lora"] for p in tput} == {16 if variant == "lora" else "base"}
@@ -87,11 +134,13 @@ def test_rollout_body_on_the_fake(variant, pool, plan, writer, tmp_path_factory,
     assert {"mbu", "ttft_p50_ms", "ttft_p99_ms", "harness_over_raw_ratio", "requests_count"} <= {m for m, _ in rows}
 
 
-def test_hot_reload_body_on_the_fake(pool, plan, writer, adapter_factory, model_dir, tmp_path, monkeypatch):
+def test_hot_reload_body_on_the_fake(backend_pool, plan, writer, adapter_factory, model_dir, tmp_path, monkeypatch):
+    backend, pool = backend_pool
     monkeypatch.setattr(sync_mod, "SYNC_ROUNDS", 3)
     slot, bench = ServerSlot(pool), StubBenchmark()
     request = SimpleNamespace(getfixturevalue=lambda name: pool.get())
-    sync_mod.test_hot_reload(bench, "session", 8, request, slot, adapter_factory, model_dir, plan, writer, tmp_path)
+    sync_mod.test_hot_reload(bench, "session", 8, request, slot, adapter_factory, model_dir, plan, writer, tmp_path,
+                             backend)
     served = pool.get().client.models()
     assert bench.calls == 4 and not [m for m in served if m.startswith("policy-v")]  # the last one was unloaded
     metrics = {m: p for m, p in _rows(writer)}
@@ -106,16 +155,19 @@ def test_restart_body_on_the_fake(pool, plan, writer, adapter_factory, model_dir
     assert ("restart_s", "cold") in rows and ("restart_s", "warm") in rows and ("server_stop_s", "warm") in rows
 
 
-def test_release_resume_body_on_the_fake(pool, plan, writer, adapter_factory, model_dir, monkeypatch):
+def test_release_resume_body_on_the_fake(backend_pool, plan, writer, adapter_factory, model_dir, monkeypatch):
+    backend, pool = backend_pool
     monkeypatch.setattr(sync_mod, "RELEASE_ROUNDS", 2)
     # NVML stand-in: 9000 MiB before each release, 3000 once it has settled
     monkeypatch.setattr("reference_impl.sync.ReleaseResume._used_mib", lambda self: 9000.0)
     monkeypatch.setattr("reference_impl.sync.ReleaseResume._settled_mib", lambda self: 3000.0)
     slot, bench = ServerSlot(pool), StubBenchmark()
     try:
-        sync_mod.test_release_resume(bench, slot, model_dir, adapter_factory, plan, writer)
+        sync_mod.test_release_resume(bench, slot, model_dir, adapter_factory, plan, writer, backend)
     finally:
         slot.release()
+    argv = srv_argv(pool)
+    assert ("--enable-sleep-mode" in argv) if backend == "vllm" else ("--enable-memory-saver" in argv)
     metrics = {m for m, _ in _rows(writer)}
     assert {"release_s", "resume_s", "released_mib", "sync_ms"} <= metrics
     assert bench.extra_info["released_mib"] == 6000.0
@@ -168,3 +220,21 @@ def test_step_time_ratios_are_written_once_as_soon_as_both_variants_ran():
     step.STEADY_STEP_S.update(split_pipelined=0.75)
     step.write_new_ratios(w)
     assert len(w.rows) == 6 and {r.metric for r in w.rows} == {"step_time_ratio"}
+
+
+@pytest.mark.parametrize("backend,cls", [("sglang", ServerConfig), ("vllm", VLLMServerConfig)])
+def test_split_step_server_overrides_fit_the_backend_config(backend, cls, model_dir):
+    """The step benchmark's split server is asked for in the backend's own config names (its trainer needs CUDA,
+    so the body itself is not dry-run); the same for the sync module's own servers."""
+    import dataclasses
+
+    from . import test_bench_step as step
+
+    base = cls(python=sys.executable, model_path="unset")
+    cfg = dataclasses.replace(base, **step._split_server(backend, model_dir))
+    argv = " ".join(map(str, cfg.argv(0)))
+    assert str(model_dir.path) in argv and "--enable-lora" in argv
+    assert f"--max-lora-rank {step.RANK}" in argv
+    own = dataclasses.replace(base, **sync_mod._own_server(backend, lora=sync_mod.POOL, mem_fraction_static=0.25))
+    memory = "--gpu-memory-utilization 0.25" if backend == "vllm" else "--mem-fraction-static 0.25"
+    assert memory in " ".join(map(str, own.argv(0)))

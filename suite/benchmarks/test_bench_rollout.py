@@ -7,13 +7,15 @@ Environment (defaults in brackets):
   SPLITRL_BENCH_CONCURRENCY   [1,16,64,256]  closed-loop concurrency C
   SPLITRL_BENCH_PROMPT_LEN    [256]    SPLITRL_BENCH_GEN_LEN [256]    SPLITRL_BENCH_ROUNDS [2]
   SPLITRL_BENCH_REQUESTS_PER_SLOT [2]  requests per round = C * this
-  SPLITRL_BENCH_MEM_FRACTION  [the pool's: 0.5 split, 0.3 shared]  --mem-fraction-static of the server
+  SPLITRL_BENCH_MEM_FRACTION  [the pool's, 0.25]  --mem-fraction-static (vLLM: --gpu-memory-utilization)
   SPLITRL_BENCH_PREFILL_GRAPHS [0]     1: SGLang's piecewise prefill CUDA graphs on the base server (~90 s more
                               per cold start of a 1.7B shape; the LoRA server never has them), param
                               prefill_graphs in every row. Decode CUDA graphs are always on.
 
 Each round: TTFT probe, then raw and harness on the same new prompt set (definitions: reference_impl/bench.py).
 One server per (shape, variant), reused across concurrencies, stopped before the next one starts.
+With `--backend vllm|both` the same cases run against vLLM (raw = /v1/completions, harness = VLLMClient; CUDA
+graphs on, i.e. no --enforce-eager, as deployed; token capacity unknown to the MBU batch estimate).
 """
 from __future__ import annotations
 
@@ -57,19 +59,32 @@ def _lora_assets(shape: str, tmp_path_factory) -> tuple[str, str]:
     return _adapters[shape]
 
 
-def _overrides(shape: str, variant: str, tmp_path_factory) -> tuple[dict, str]:
+def _overrides(shape: str, variant: str, tmp_path_factory, backend: str = "sglang") -> tuple[dict, str]:
     """ServerPool overrides for the variant, plus the model dir whose config.json gives the MBU shape."""
     from reference_impl.models import resolve_model
 
+    if variant == "base":  # dummy weights: no LoRA possible on this server (see performance notes)
+        path, load_format = str(resolve_model(shape, weights=False).path), "dummy"
+    else:
+        path, load_format = _lora_assets(shape, tmp_path_factory)[0], "auto"
+    if backend == "vllm":
+        out = {"model_path": path, "load_format": load_format, "enforce_eager": False,
+               "enable_lora": variant == "lora", "max_lora_rank": LORA_RANK, "max_loras": 4}
+        return ({**out, "gpu_memory_utilization": MEM_FRACTION} if MEM_FRACTION is not None else out), path
     common = {"cuda_graphs": True, "prefill_cuda_graphs": PREFILL_GRAPHS}
     if MEM_FRACTION is not None:
         common["mem_fraction_static"] = MEM_FRACTION
-    if variant == "base":  # dummy weights: no LoRA possible on this server (see performance notes)
-        path = str(resolve_model(shape, weights=False).path)
-        return {**common, "model_path": path, "load_format": "dummy", "lora": None}, path
-    weights, _ = _lora_assets(shape, tmp_path_factory)
-    pool = LoraPoolConfig(max_rank=LORA_RANK, target_modules=ALL_LINEAR, max_loras_per_batch=4)
-    return {**common, "model_path": weights, "load_format": "auto", "lora": pool}, weights
+    pool = (LoraPoolConfig(max_rank=LORA_RANK, target_modules=ALL_LINEAR, max_loras_per_batch=4)
+            if variant == "lora" else None)
+    return {**common, "model_path": path, "load_format": load_format, "lora": pool}, path
+
+
+def _mem_fraction(overrides: dict, base) -> float:
+    """The server's share of GPU memory, whichever backend's name it goes by."""
+    for name in ("mem_fraction_static", "gpu_memory_utilization"):
+        if hasattr(base, name):
+            return overrides.get(name, getattr(base, name))
+    raise AttributeError(f"{type(base).__name__} has no memory-fraction field")
 
 
 def _ensure_adapter(srv, shape: str) -> None:
@@ -80,18 +95,19 @@ def _ensure_adapter(srv, shape: str) -> None:
     assert ADAPTER in loaded, f"load of {ADAPTER} answered success but loaded_adapters={sorted(loaded)}"
 
 
+@pytest.mark.backends("sglang", "vllm")
 @pytest.mark.parametrize("shape,variant,concurrency", CASES, ids=[f"{s}-{v}-c{c}" for s, v, c in CASES])
 def test_rollout_throughput(benchmark, shape, variant, concurrency, server_slot, bench_plan, results_writer,
-                            tmp_path_factory):
+                            tmp_path_factory, backend):
     import json
     from pathlib import Path
 
-    benchmark.group = f"rollout-{shape}-{variant}"
+    benchmark.group = f"rollout-{shape}-{variant}-{backend}"
     info = benchmark.extra_info
-    overrides, config_dir = _overrides(shape, variant, tmp_path_factory)
+    overrides, config_dir = _overrides(shape, variant, tmp_path_factory, backend)
     model_config = json.loads((Path(config_dir) / "config.json").read_text())
-    mem_fraction = overrides.get("mem_fraction_static", server_slot.pool.base.mem_fraction_static)
-    base = row_base(f"rollout_{variant}", shape, mode=bench_plan.mode)
+    mem_fraction = _mem_fraction(overrides, server_slot.pool.base)
+    base = row_base(f"rollout_{variant}", shape, mode=bench_plan.mode, backend=backend)
     params = {"concurrency": concurrency, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN,
               "lora": LORA_RANK if variant == "lora" else "base", "mem_fraction": mem_fraction,
               "prefill_graphs": int(PREFILL_GRAPHS and variant == "base"),
@@ -104,8 +120,9 @@ def test_rollout_throughput(benchmark, shape, variant, concurrency, server_slot,
         started = server_slot.started
         if variant == "lora":
             _ensure_adapter(srv, shape)
-        capacity, max_running = server_capacity(srv.client.server_info())
-        sbs = SideBySide(srv.url, spec)
+        # vLLM has no /server_info: the MBU batch estimate then assumes every request fits at once
+        capacity, max_running = server_capacity(srv.client.server_info()) if backend == "sglang" else (None, None)
+        sbs = SideBySide(srv.url, spec, backend=backend, model=getattr(srv, "model_name", None))
         try:
             benchmark.pedantic(sbs, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)
         finally:

@@ -108,7 +108,7 @@ def _params() -> dict:
 
 
 def _run_variant(benchmark, results_writer, model, engine, strategy, name: str, mode: str, gpus: list[int],
-                 pipelined: bool = False):
+                 pipelined: bool = False, backend: str = "sglang"):
     """run_loop (or run_pipelined) once under pedantic; per-step rows and summaries; trainer memory handed back."""
     from reference_impl.job import DEFAULT_PIPELINE_TIS_CAP
     from reference_impl.pipeline import PipelineConfig, run_pipelined
@@ -117,7 +117,7 @@ def _run_variant(benchmark, results_writer, model, engine, strategy, name: str, 
 
     backend = trainer_backend()
     benchmark.group = "grpo-step"
-    base = row_base(f"step_{name}", model.name, mode=mode, strategy=strategy.name)
+    base = row_base(f"step_{name}", model.name, mode=mode, strategy=strategy.name, backend=backend)
     params = {**_params(), "trainer": backend, **({"max_staleness": 1} if pipelined else {})}
     trainer = LoraTrainer(_trainer_config(model, backend, DEFAULT_PIPELINE_TIS_CAP if pipelined else None))
     task = WordStartTask(str(model.path))
@@ -149,8 +149,9 @@ def _run_variant(benchmark, results_writer, model, engine, strategy, name: str, 
     rows += scalar_rows(base, summary, {**params, "stat": "median_after_first"})
     rows += scalar_rows(base, {"step_s": out["wall_s"] / LOOP.steps}, {**params, "stat": "wall_per_step"})
     results_writer.append(rows)
-    WALL_PER_STEP_S[name] = out["wall_s"] / LOOP.steps
-    STEADY_STEP_S[name] = summary["step_s"]
+    key = name if backend == "sglang" else f"{name}@{backend}"  # the ratio pairs are SGLang's variants
+    WALL_PER_STEP_S[key] = out["wall_s"] / LOOP.steps
+    STEADY_STEP_S[key] = summary["step_s"]
     write_new_ratios(results_writer)
     benchmark.extra_info.update(summary, wall_per_step_s=out["wall_s"] / LOOP.steps,
                                 rewards=[r.reward for r in records], trainer=backend,
@@ -210,21 +211,31 @@ def test_step_trl_peer(benchmark, bench_plan, step_model, results_writer, tmp_pa
     assert run.steps == LOOP.steps
 
 
+def _split_server(backend: str, model) -> dict:
+    """ServerPool overrides of the split variants' server, in the backend's own config names."""
+    if backend == "vllm":
+        return {"model_path": str(model.path), "max_lora_rank": RANK, "max_loras": POOL.max_loras_per_batch,
+                "gpu_memory_utilization": OWN_MEM_FRACTION, "enforce_eager": not CUDA_GRAPHS}
+    return {"model_path": str(model.path), "lora": POOL, "mem_fraction_static": OWN_MEM_FRACTION,
+            "cuda_graphs": CUDA_GRAPHS}
+
+
 @pytest.mark.gpus(2)
+@pytest.mark.backends("sglang", "vllm")
 @pytest.mark.parametrize("variant", ["split", "split_pipelined"])
-def test_step_split(benchmark, server_slot, bench_plan, step_model, results_writer, variant, trainer_warmed):
+def test_step_split(benchmark, server_slot, bench_plan, step_model, results_writer, variant, trainer_warmed,
+                    backend):
     """Hot reload on a split, sequential and pipelined, on the same server (the slot reuses it)."""
     from reference_impl.sync import HotReload
 
     if bench_plan.mode != "split":
         pytest.skip(f"GPU plan is {bench_plan.mode!r}, not split: pass --inference-gpus/--training-gpus apart")
-    srv = server_slot.get(model_path=str(step_model.path), lora=POOL, mem_fraction_static=OWN_MEM_FRACTION,
-                          cuda_graphs=CUDA_GRAPHS)
+    srv = server_slot.get(**_split_server(backend, step_model))
     strategy = HotReload(srv.client)
     gpus = [g.index for g in bench_plan.inference + bench_plan.training]
     try:
         _run_variant(benchmark, results_writer, step_model, srv.client, strategy, variant, "split", gpus,
-                     pipelined=variant == "split_pipelined")
+                     pipelined=variant == "split_pipelined", backend=backend)
     finally:
         if strategy.current:
             srv.client.unload_lora_adapter(strategy.current)

@@ -15,8 +15,10 @@ restart_s         SGLangServer start (launch -> /health 200) with the newest ada
                   cache=cold: first start with EMPTY Triton/Inductor cache dirs made for this test;
                   cache=warm: sync.Restart stop + start again with the same (now filled) cache dirs
 release_s / resume_s / released_mib
-                  sync.ReleaseResume on a --enable-memory-saver --enable-weights-cpu-backup server; MiB freed
-                  = NVML used memory of the inference GPU before minus after the release
+                  sync.ReleaseResume on a --enable-memory-saver --enable-weights-cpu-backup server (vLLM:
+                  --enable-sleep-mode, /sleep?level=1 and /wake_up); MiB freed = NVML used memory of the inference
+                  GPU before minus after the release
+Hot reload and release/resume also run against vLLM (`--backend vllm|both`); the restart fallback is SGLang's.
 """
 from __future__ import annotations
 
@@ -115,12 +117,22 @@ def test_restart_fallback(benchmark, server_pool, model_dir, adapter_factory, be
     benchmark.extra_info.update(cold=samples[0], warm=warm, server_log=str(srv.log_path))
 
 
-def test_release_resume(benchmark, server_slot, model_dir, adapter_factory, bench_plan, results_writer):
-    benchmark.group = "sync-release-resume"
+def _own_server(backend: str, **changes) -> dict:
+    """ServerPool overrides for a server of this module, in the backend's own config names."""
+    if backend == "vllm":
+        renamed = {"lora": "max_lora_rank", "mem_fraction_static": "gpu_memory_utilization"}
+        changes = {renamed.get(k, k): (v.max_rank if k == "lora" else v) for k, v in changes.items()}
+    return changes
+
+
+@pytest.mark.backends("sglang", "vllm")
+def test_release_resume(benchmark, server_slot, model_dir, adapter_factory, bench_plan, results_writer, backend):
+    benchmark.group = f"sync-release-resume-{backend}"
     adapters = [str(adapter_factory(rank=16, modules=ALL_LINEAR, seed=s)) for s in (1, 2)]
     gpu = bench_plan.inference[0].index
-    srv = server_slot.get(memory_saver=True, extra_args=["--enable-weights-cpu-backup"],
-                          mem_fraction_static=OWN_MEM_FRACTION)
+    memory = ({"sleep_mode": True} if backend == "vllm"
+              else {"memory_saver": True, "extra_args": ["--enable-weights-cpu-backup"]})
+    srv = server_slot.get(**memory, **_own_server(backend, mem_fraction_static=OWN_MEM_FRACTION))
     strategy = ReleaseResume(srv.client, gpu_index=gpu)
     strategy.publish(next(_versions), adapters[0])
     samples: list[dict] = []
@@ -134,7 +146,8 @@ def test_release_resume(benchmark, server_slot, model_dir, adapter_factory, benc
         samples.append({"release_s": paused["release_s"], "released_mib": paused["released_mib"],
                         "resume_s": rec.extra["resume_s"], "sync_ms": rec.sync_ms})
 
-    base = row_base("sync_release_resume", model_dir.name, mode=bench_plan.mode, strategy="release-resume")
+    base = row_base("sync_release_resume", model_dir.name, mode=bench_plan.mode, strategy="release-resume",
+                    backend=backend)
     try:
         with watch_vram([gpu], results_writer, base, {"rank": 16}, benchmark.extra_info):
             benchmark.pedantic(one_round, rounds=RELEASE_ROUNDS, iterations=1, warmup_rounds=1)
@@ -147,17 +160,18 @@ def test_release_resume(benchmark, server_slot, model_dir, adapter_factory, benc
     assert values.get("released_mib", 0) > 0, f"release freed no GPU memory: {measured}"
 
 
+@pytest.mark.backends("sglang", "vllm")
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("rank", RANKS)
 def test_hot_reload(benchmark, target, rank, request, server_slot, adapter_factory, model_dir, bench_plan,
-                    results_writer, tmp_path):
-    benchmark.group = f"sync-hot-reload-{target}"
+                    results_writer, tmp_path, backend):
+    benchmark.group = f"sync-hot-reload-{target}-{backend}"
     adapters = _two_adapters(target, rank, adapter_factory, tmp_path)
     if target == "session":
         srv, model = request.getfixturevalue("lora_server"), model_dir.name
     else:
-        srv, model = server_slot.get(model_path=str(model_with_weights(target).path), lora=POOL,
-                                      mem_fraction_static=OWN_MEM_FRACTION), target
+        srv, model = server_slot.get(model_path=str(model_with_weights(target).path),
+                                      **_own_server(backend, lora=POOL, mem_fraction_static=OWN_MEM_FRACTION)), target
     strategy = HotReload(srv.client, timeout_s=120)
     samples: list[dict] = []
 
@@ -168,7 +182,7 @@ def test_hot_reload(benchmark, target, rank, request, server_slot, adapter_facto
         again = _timed_request(srv.client, strategy.current, rank, 2 * i + 1)
         samples.append({"sync_ms": rec.sync_ms, "first_request_ms": first, "next_request_ms": again})
 
-    base = row_base("sync_hot_reload", model, mode=bench_plan.mode, strategy="hot-reload")
+    base = row_base("sync_hot_reload", model, mode=bench_plan.mode, strategy="hot-reload", backend=backend)
     params = {"rank": rank, "modules": "all-linear"}
     try:
         with watch_vram([g.index for g in bench_plan.inference], results_writer, base, params, benchmark.extra_info):
