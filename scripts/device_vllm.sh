@@ -4,15 +4,19 @@
 #
 #   call 1, carry [".vllm-kit/part1"]:  bash scripts/device_vllm.sh stash   # part1 -> /tmp/vllm-kit (survives while warm)
 #   (only a kit built with VLLM_KIT_KEEP_MOE=1: one more call, carry [".vllm-kit/part3"]: ... stash 3)
-#   call 2, carry [".vllm-kit/part2"]:  bash scripts/device_vllm.sh run [pytest args]
-#                                       # default args: suite -m gpu --backend both
+#   call 2, carry [".vllm-kit/part2"]:  bash scripts/device_vllm.sh run conf    # suite -m gpu --backend both
+#   call 3 (same warm machine, nothing carried: the vLLM venv is reused):
+#                                       bash scripts/device_vllm.sh run bench   # --benchmark-only --backend both
+#   (or `run PYTEST ARGS...` for anything else)
+# `bench` sizes the set to one call: rollout qwen3-1.7b base at concurrency 64 and 256, hot reload r16 x 5, the split
+# step on qwen3-0.6b x 4 steps (both backends), the TRL peer left out (it has no backend).
 #
 # `run` installs PREFIX/vllm-venv (scripts/vllm_kit/install.sh; reused when already there) and runs pytest with
 # SPLITRL_VLLM_PYTHON set. The SGLang kit must already be installed in /tmp/splitrl by an earlier call of this warm
 # window (device_session.sh, carrying .gpu-kit): a third transfer, since .gpu-kit (56 MiB) and part2 don't fit together.
 # Build the parts first: bash scripts/vllm_kit/build.sh .vllm-kit. Everything lands in $OUT.
 set -u
-MODE=${1:?stash [1|3] | run [pytest args]}; shift
+MODE=${1:?stash [1|3] | run conf|bench|PYTEST ARGS}; shift
 KIT=/tmp/vllm-kit
 case $MODE in
   stash)
@@ -21,8 +25,10 @@ case $MODE in
     ls -la "$KIT"; df -h /tmp | tail -1
     echo "stashed: now call 'bash scripts/device_vllm.sh run' with carry .vllm-kit/part2 before this machine goes back" ;;
   run)
-    [ -f "$KIT/vllm-kit-part1.tar.xz" ] || { echo "no $KIT/vllm-kit-part1.tar.xz: a fresh machine; run 'stash' (carry .vllm-kit/part1) first"; exit 1; }
-    cp .vllm-kit/part2/vllm-kit-part2.tar.xz "$KIT/" || { echo "run: no .vllm-kit/part2 carried?"; exit 1; }
+    if [ ! -x /tmp/splitrl/vllm-venv/bin/python ]; then  # a warm machine keeps the venv of an earlier `run`
+      [ -f "$KIT/vllm-kit-part1.tar.xz" ] || { echo "no $KIT/vllm-kit-part1.tar.xz: a fresh machine; run 'stash' (carry .vllm-kit/part1) first"; exit 1; }
+      cp .vllm-kit/part2/vllm-kit-part2.tar.xz "$KIT/" || { echo "run: no .vllm-kit/part2 carried?"; exit 1; }
+    fi
     [ -x /tmp/splitrl/sglang-venv/bin/python ] || [ -f .gpu-kit/gpu-kit.tar.xz ] || {
       echo "no SGLang kit in /tmp/splitrl and no .gpu-kit here: install it in an earlier call of this warm window"; exit 1; }
     source "$(dirname "$0")/device_common.sh" || exit 1   # SGLang kit (reused), env, pytest_job, finish_outputs
@@ -35,7 +41,14 @@ case $MODE in
     # import check first (bounded): a missing dependency shows here in seconds, not after a server start timeout
     timeout 120 "$SPLITRL_VLLM_PYTHON" -c 'import vllm, vllm.entrypoints.openai.api_server as a; print("vllm", vllm.__version__, "api_server imports")' \
       > "$OUT/logs/vllm-import.log" 2>&1; echo "vllm import exit $?: $(tail -1 "$OUT/logs/vllm-import.log")"
-    [ $# -gt 0 ] || set -- suite -m gpu --backend both
+    case ${1:-conf} in
+      conf) set -- suite -m gpu --backend both ;;
+      bench)
+        export SPLITRL_BENCH_SHAPES=qwen3-1.7b SPLITRL_BENCH_LORA_SHAPES= SPLITRL_BENCH_CONCURRENCY=64,256 \
+          SPLITRL_BENCH_SYNC_RANKS=16 SPLITRL_BENCH_SYNC_ROUNDS=5 SPLITRL_BENCH_STEP_MODEL=qwen3-0.6b SPLITRL_BENCH_STEPS=4
+        set -- suite/benchmarks/test_bench_rollout.py suite/benchmarks/test_bench_sync.py::test_hot_reload \
+          suite/benchmarks/test_bench_step.py::test_step_split --benchmark-only --backend both ;;
+    esac
     LEFT=$((570 - SECONDS)); [ $LEFT -gt 60 ] || { echo "only ${LEFT}s left for pytest: not started"; finish_outputs; exit 1; }
     pytest_job vllm-both $LEFT "$(seq -s, 0 $((N - 1)))" "$@"
     grep -E "^(FAILED|ERROR|XFAIL)|passed|failed" "$OUT/logs/vllm-both.log" | tail -25
