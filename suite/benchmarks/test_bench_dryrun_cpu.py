@@ -222,8 +222,8 @@ def test_step_time_ratios_are_written_once_as_soon_as_both_variants_ran():
     assert len(w.rows) == 6 and {r.metric for r in w.rows} == {"step_time_ratio"}
 
 
-@pytest.mark.parametrize("backend,cls", [("sglang", ServerConfig), ("vllm", VLLMServerConfig)])
-def test_split_step_server_overrides_fit_the_backend_config(backend, cls, model_dir):
+@pytest.mark.parametrize("kind,cls", [("sglang", ServerConfig), ("vllm", VLLMServerConfig)])
+def test_split_step_server_overrides_fit_the_backend_config(kind, cls, model_dir):
     """The step benchmark's split server is asked for in the backend's own config names (its trainer needs CUDA,
     so the body itself is not dry-run); the same for the sync module's own servers."""
     import dataclasses
@@ -231,10 +231,10 @@ def test_split_step_server_overrides_fit_the_backend_config(backend, cls, model_
     from . import test_bench_step as step
 
     base = cls(python=sys.executable, model_path="unset")
-    cfg = dataclasses.replace(base, **step._split_server(backend, model_dir))
+    cfg = dataclasses.replace(base, **step._split_server(kind, model_dir))
     argv = " ".join(map(str, cfg.argv(0)))
     assert str(model_dir.path) in argv and "--enable-lora" in argv
     assert f"--max-lora-rank {step.RANK}" in argv
-    own = dataclasses.replace(base, **sync_mod._own_server(backend, lora=sync_mod.POOL, mem_fraction_static=0.25))
-    memory = "--gpu-memory-utilization 0.25" if backend == "vllm" else "--mem-fraction-static 0.25"
+    own = dataclasses.replace(base, **sync_mod._own_server(kind, lora=sync_mod.POOL, mem_fraction_static=0.25))
+    memory = "--gpu-memory-utilization 0.25" if kind == "vllm" else "--mem-fraction-static 0.25"
     assert memory in " ".join(map(str, own.argv(0)))
