@@ -254,10 +254,14 @@ def extra_info(spec: LoadSpec, rounds: list[RoundResult], rows: list[ResultRow])
     return info
 
 
-def vram_rows(base: dict, peaks_mib: dict[int, float], params: dict) -> list[ResultRow]:
-    """peak_vram_mib per physical GPU index (NVML: used memory of the whole GPU, all processes)."""
-    return [ResultRow(metric="peak_vram_mib", value=float(v), params={**params, "gpu": int(i)}, **base)
-            for i, v in sorted(peaks_mib.items())]
+def vram_rows(base: dict, peaks_mib: dict[int, float], params: dict,
+              roles: dict[int, str] | None = None) -> list[ResultRow]:
+    """peak_vram_mib per physical GPU index (NVML: used memory of the whole GPU, all processes). `roles` adds what
+    each GPU did (param role: inference / training), so layouts that put them on other indices line up."""
+    roles = roles or {}
+    return [ResultRow(metric="peak_vram_mib", value=float(v), params={
+        **params, "gpu": int(i), **({"role": roles[i]} if i in roles else {})}, **base)
+        for i, v in sorted(peaks_mib.items())]
 
 
 def stat_values(samples: dict[str, list[float]]) -> dict[str, float]:

@@ -225,7 +225,7 @@ def run_job(cfg: RunConfig) -> list:
         else:
             records = run_loop(cfg.loop, trainer, engine, strategy, task, on_step=on_step, dist=dist)
         if vram is not None:
-            writer.append(_vram_rows(vram, base))
+            writer.append(_vram_rows(vram, base, plan))
         finished = True
         return records
     finally:
@@ -249,12 +249,14 @@ def _layout_params(plan: SplitPlan | None) -> dict:
     return {"layout": f"{len(plan.inference)}+{len(plan.training)}", "tp": plan.tp_size}
 
 
-def _vram_rows(sampler, base: dict) -> list:
+def _vram_rows(sampler, base: dict, plan: SplitPlan | None = None) -> list:
     from .bench import vram_rows
 
     sampler.stop()
     run_base = {k: v for k, v in base.items() if k != "params"}
-    return vram_rows(run_base, sampler.peak_mib(), base["params"]) if not sampler.error else []
+    roles = {} if plan is None else {**{g.index: "training" for g in plan.training},
+                                     **{g.index: "inference" for g in plan.inference}}  # a shared GPU serves
+    return vram_rows(run_base, sampler.peak_mib(), base["params"], roles) if not sampler.error else []
 
 
 def _trainer_config(cfg: RunConfig, model, backend: str, device: str):

@@ -157,6 +157,7 @@ def test_run_rows_name_the_layout(spec, tp, layout):
 
 
 def test_run_writes_one_peak_vram_row_per_gpu_of_the_plan():
+    from reference_impl.devices import make_plan
     from reference_impl.job import _vram_rows
 
     class StoppedSampler:  # what run_job's NvmlSampler holds at the end of a run
@@ -171,10 +172,12 @@ def test_run_writes_one_peak_vram_row_per_gpu_of_the_plan():
     base = {"suite": "run", "test": "grpo_hot-reload", "backend": "sglang", "mode": "split",
             "strategy": "hot-reload", "model": "qwen3-1.7b", "params": {"layout": "1+3", "tp": 1}}
     sampler = StoppedSampler()
-    rows = _vram_rows(sampler, base)
+    plan = make_plan(parse_inventory_spec("4xH100-80GB"), ["0"], ["1", "2", "3"])
+    rows = _vram_rows(sampler, base, plan)
     assert sampler.stopped
     assert [(r.metric, r.value, r.params) for r in rows] == [
-        ("peak_vram_mib", 70000.0, {"layout": "1+3", "tp": 1, "gpu": 0}),
-        ("peak_vram_mib", 21000.5, {"layout": "1+3", "tp": 1, "gpu": 3})]
+        ("peak_vram_mib", 70000.0, {"layout": "1+3", "tp": 1, "gpu": 0, "role": "inference"}),
+        ("peak_vram_mib", 21000.5, {"layout": "1+3", "tp": 1, "gpu": 3, "role": "training"})]
+    assert "role" not in _vram_rows(sampler, base)[0].params  # no plan (not a GPU run): no role to name
     sampler.error = "NVML sampling failed: gone"
     assert _vram_rows(sampler, base) == []  # a broken sampler writes nothing rather than a wrong peak
