@@ -90,7 +90,9 @@ def run_loop(cfg: LoopConfig, trainer, engine, strategy, task,
         t0 = time.perf_counter()
         rolls = rollout(engine, strategy, task, cfg, step)
         t1 = time.perf_counter()
-        paused = strategy.pause_for_training()
+        paused = strategy.pause_for_training()  # one GPU: stop or release the server (nothing on a split)
+        t_train = time.perf_counter()
+        measure_s = paused.get("measure_s") or 0.0  # the strategy measuring itself: not part of the step
         if dist is None:  # a plain trainer needs no third argument (users' own trainers included)
             stats = trainer.train_step(rolls, cfg.group_size)
         else:
@@ -101,13 +103,15 @@ def run_loop(cfg: LoopConfig, trainer, engine, strategy, task,
         sync = strategy.publish(step + 1, str(path))
         t3 = time.perf_counter()
         rec = StepRecord(step=step, adapter=rolls[0].adapter, reward=sum(r.reward for r in rolls) / len(rolls),
-                         rollout_s=t1 - t0, train_s=t2 - t1, sync_ms=(t3 - t2) * 1e3, step_s=t3 - t0,
+                         rollout_s=t1 - t0, train_s=t2 - t_train, sync_ms=(t3 - t2) * 1e3,
+                         step_s=t3 - t0 - measure_s,
                          output_tokens=sum(len(r.completion_ids) for r in rolls),
                          prompt_tokens=sum(len(r.prompt_ids) for r in rolls),
                          cached_tokens=sum(r.cached_tokens for r in rolls), loss=stats["loss"],
                          clip_ratio=stats.get("clip_ratio", 0.0), ratio_mean=stats.get("ratio_mean", 1.0),
                          equal_reward_groups=stats["equal_reward_groups"],
-                         extra={**paused, **sync.extra, **rank_spread(stats)})
+                         extra={**paused, **sync.extra, **rank_spread(stats),
+                                **({"pause_s": t_train - t1 - measure_s} if paused else {})})
         records.append(rec)
         if on_step:
             on_step(rec)
@@ -142,9 +146,11 @@ STEP_METRICS = {"reward": "reward", "rollout_s": "rollout_s", "train_s": "train_
                 "loss": "loss", "equal_reward_groups": "equal_reward_groups_count"}
 PIPELINE_METRICS = {"wait_s": "train_wait_s", "staleness_max": "staleness_max_steps",
                     "staleness_mean": "staleness_mean_steps"}
+# pause_s: the one-GPU strategies' stop/release before training (step_s = rollout_s + pause_s + train_s + sync_ms);
+# measure_s: their NVML settle wait, left out of step_s
 EXTRA_METRICS = {"restart_s": "restart_s", "start_s": "server_start_s", "release_s": "release_s",
                  "resume_s": "resume_s", "released_mib": "released_mib", "stop_s": "server_stop_s",
-                 "rank_spread": "ddp_rank_param_spread"}
+                 "pause_s": "pause_s", "measure_s": "measure_s", "rank_spread": "ddp_rank_param_spread"}
 
 
 def step_rows(rec: StepRecord, base: dict) -> list:

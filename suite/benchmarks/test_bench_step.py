@@ -53,7 +53,8 @@ OWN_MEM_FRACTION = 0.3  # leaves room for the trainer (single GPU) or the sessio
 WALL_PER_STEP_S: dict[str, float] = {}
 STEADY_STEP_S: dict[str, float] = {}
 RATIOS_WRITTEN: set[tuple[str, str, str]] = set()
-SUMMARY = ("rollout_s", "train_s", "sync_ms", "step_s", "restart_s", "release_s", "resume_s", "released_mib")
+SUMMARY = ("rollout_s", "train_s", "sync_ms", "step_s", "pause_s", "restart_s", "release_s", "resume_s",
+           "released_mib")
 
 
 @pytest.fixture(scope="module")

@@ -204,6 +204,60 @@ def test_step_rows_carry_strategy_timings():
     assert all(r.params == {"step": 3} for r in rows)
 
 
+class FakeClock:
+    """Stands in for loop.time: perf_counter() reads `now`, which only the stubs below advance."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_one_gpu_pause_is_its_own_phase_and_the_settle_wait_is_not_in_the_step(monkeypatch):
+    """A one-GPU strategy stops or releases the server before training. That pause is not training (train_s) but is
+    part of the step; the NVML settle wait a release/resume strategy spends measuring itself is neither."""
+    from types import SimpleNamespace
+
+    from reference_impl import loop as loop_mod
+    from reference_impl.client import GenerateResult
+    from reference_impl.sync import SyncRecord
+
+    clock = FakeClock()
+    monkeypatch.setattr(loop_mod, "time", clock)
+    durations = {"rollout": 1.0, "release": 0.5, "settle": 5.0, "train": 0.25, "sync": 0.125}
+
+    class Strategy:
+        name, current, current_version = "stub-release", None, None
+
+        def publish(self, version, path):
+            clock.now += durations["sync"] if version else 0.0
+            self.current, self.current_version = version_name(version), version
+            return SyncRecord(version, self.current, durations["sync"] * 1e3, {})
+
+        def pause_for_training(self):
+            clock.now += durations["release"] + durations["settle"]
+            return {"release_s": durations["release"], "measure_s": durations["settle"]}
+
+    def generate(batch, sampling, lora=None, **kw):
+        clock.now += durations["rollout"]
+        return [GenerateResult([7, 8], len(p), 2, 0, "length", [-1.0, -1.0]) for p in batch]
+
+    def train_step(rolls, group_size):
+        clock.now += durations["train"]
+        return {"loss": 0.0, "equal_reward_groups": 0}
+
+    trainer = SimpleNamespace(train_step=train_step, save_adapter=lambda name: f"/adapters/{name}")
+    task = SimpleNamespace(prompts=lambda step, n: [[1, 2, 3]] * n, reward=lambda p, c: 0.5)
+    rec = run_loop(LoopConfig(steps=1, prompts_per_step=1, group_size=2), trainer, SimpleNamespace(generate=generate),
+                   Strategy(), task)[0]
+    assert rec.train_s == durations["train"] and rec.rollout_s == durations["rollout"]
+    assert rec.extra["pause_s"] == durations["release"]
+    assert rec.step_s == sum(durations.values()) - durations["settle"]
+    metrics = {r.metric for r in step_rows(rec, {"suite": "run", "test": "t", "backend": "sglang"})}
+    assert {"pause_s", "measure_s", "release_s"} <= metrics
+
+
 # ---------------------------------------------------------------- (d) saved adapters
 
 @pytest.fixture(scope="module")
