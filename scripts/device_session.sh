@@ -8,11 +8,13 @@
 #   bash scripts/device_session.sh single    # 1 GPU: conformance + restart/release
 #   bash scripts/device_session.sh bench-rollout     # rollout tok/s, MBU, TTFT, VRAM (one call)
 #   bash scripts/device_session.sh bench-sync-step   # sync, restart, release/resume, step breakdown, TRL peer
+#   bash scripts/device_session.sh steps4   # a 4-GPU kind: every GRPO step variant on ONE model, then the LoRA
+#                                           # rollout at concurrency 64/256 (STEPS4_MODEL, default qwen3-0.6b)
 #
 # Needs .gpu-kit/ (bash ../shared/device-kit/build.sh .gpu-kit) carried with the call. Everything lands in $OUT
 # (at most 8 files come back: server logs are packed into one tarball).
 set -u
-MODE=${1:?all4|confirm4|bench-1gpu|conformance|split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
+MODE=${1:?all4|confirm4|steps4|bench-1gpu|conformance|split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
 source "$(dirname "$0")/device_common.sh" || exit 1
 
 case $MODE in
@@ -101,6 +103,22 @@ case $MODE in
     wait
     grep -E "^(FAILED|XFAIL|ERROR)" "$OUT/logs/conformance.log" | cut -c1-400 | tail -12
     collect_jobs conformance step-split step-restart step-release ;;
+  steps4)  # a 4-GPU kind, hard stop $END s, one model for every variant (issue #6): GPUs 2,3 split, pipelined and
+           # the TRL-HF peer | GPU 0 single-GPU restart | GPU 1 single-GPU release/resume, all at once; then GPU 2 the
+           # rollout benchmark with a LoRA (1.7B, concurrency 64 and 256)
+    END=${ALL4_END:-560}
+    export SPLITRL_BENCH_STEP_MODEL=${STEPS4_MODEL:-qwen3-0.6b}
+    SPLITRL_BENCH_STEPS=${STEPS4_SINGLE_STEPS:-3} pytest_job step-restart $((END - SECONDS - 10)) 0 \
+      suite/benchmarks/test_bench_step.py -k single_gpu_restart --benchmark-only &
+    SPLITRL_BENCH_STEPS=${STEPS4_SINGLE_STEPS:-3} pytest_job step-release $((END - SECONDS - 10)) 1 \
+      suite/benchmarks/test_bench_step.py -k single_gpu_release --benchmark-only &
+    SPLITRL_BENCH_STEPS=6 pytest_job step-split ${ALL4_STEP_S:-260} 2,3 suite/benchmarks/test_bench_step.py \
+      -k "split or trl" --benchmark-only
+    grep -E "step_time_ratio" "$OUT/logs/step-split.log" | tail -6
+    SPLITRL_BENCH_SHAPES=qwen3-1.7b SPLITRL_BENCH_LORA_SHAPES=qwen3-1.7b SPLITRL_BENCH_CONCURRENCY=64,256 \
+      pytest_job rollout-lora $((END - SECONDS - 10)) 2 suite/benchmarks/test_bench_rollout.py -k lora --benchmark-only
+    wait
+    collect_jobs step-restart step-release step-split rollout-lora ;;
   bench-sync-step)  # hot reload by rank, restart cold/warm, release/resume, GRPO step breakdown + TRL-HF peer
     SPLITRL_BENCH_STEPS=${SPLITRL_BENCH_STEPS:-3} SPLITRL_BENCH_SYNC_ROUNDS=${SPLITRL_BENCH_SYNC_ROUNDS:-5} \
     timeout 540 $PY -m pytest suite/benchmarks/test_bench_sync.py suite/benchmarks/test_bench_step.py \
