@@ -131,11 +131,16 @@ class HarnessSender:
         self.url, self.timeout_s = base_url, timeout_s
         self._local = threading.local()
 
+    def make_client(self):
+        from .client import SGLangClient
+
+        return SGLangClient(self.url, timeout_s=self.timeout_s)
+
     def __call__(self, prompt, gen_len: int, lora: str | None, temperature: float = 1.0) -> Reply:
-        from .client import SamplingParams, SGLangClient
+        from .client import SamplingParams
 
         if not hasattr(self._local, "client"):
-            self._local.client = SGLangClient(self.url, timeout_s=self.timeout_s)
+            self._local.client = self.make_client()
         res = self._local.client.generate([prompt], SamplingParams(max_new_tokens=gen_len, temperature=temperature,
                                                                    ignore_eos=True), lora=lora,
                                               return_logprob=True)[0]
@@ -179,16 +184,10 @@ class VLLMHarnessSender(HarnessSender):
         super().__init__(base_url, timeout_s)
         self.model = model
 
-    def __call__(self, prompt, gen_len: int, lora: str | None, temperature: float = 1.0) -> Reply:
-        from .client import SamplingParams
+    def make_client(self):
         from .vllm_client import VLLMClient
 
-        if not hasattr(self._local, "client"):
-            self._local.client = VLLMClient(self.url, timeout_s=self.timeout_s, model=self.model, max_workers=1)
-        res = self._local.client.generate([prompt], SamplingParams(max_new_tokens=gen_len, temperature=temperature,
-                                                                   ignore_eos=True), lora=lora,
-                                          return_logprob=True)[0]
-        return Reply(res.prompt_tokens, res.completion_tokens, res.cached_tokens, len(res.output_ids))
+        return VLLMClient(self.url, timeout_s=self.timeout_s, model=self.model, max_workers=1)
 
 
 def senders_for(backend: str, base_url: str, model: str | None = None, timeout_s: float = 600.0) -> list:
