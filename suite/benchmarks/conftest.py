@@ -91,6 +91,28 @@ def watch_busy(indices, writer, base: dict, params: dict, info: dict, interval_s
         writer.append(busy_rows(base, busy, active, params))
 
 
+def server_overrides(backend: str, **changes) -> dict:
+    """ServerPool overrides written in SGLang's ServerConfig names, in the backend's own names: for vLLM the LoRA
+    pool becomes --enable-lora/--max-lora-rank/--max-loras, mem_fraction_static --gpu-memory-utilization and
+    cuda_graphs the absence of --enforce-eager; prefill_cuda_graphs (SGLang's piecewise prefill graphs) has no
+    counterpart and is dropped. Other names (model_path, load_format) are the same in both."""
+    if backend != "vllm":
+        return changes
+    out: dict = {}
+    for name, value in changes.items():
+        if name == "lora":
+            out["enable_lora"] = value is not None
+            if value is not None:
+                out.update(max_lora_rank=value.max_rank, max_loras=value.max_loras_per_batch)
+        elif name == "mem_fraction_static":
+            out["gpu_memory_utilization"] = value
+        elif name == "cuda_graphs":
+            out["enforce_eager"] = not value
+        elif name != "prefill_cuda_graphs":
+            out[name] = value
+    return out
+
+
 def trainer_backend() -> str:
     return "unsloth" if importlib.util.find_spec("unsloth") is not None else "peft"
 

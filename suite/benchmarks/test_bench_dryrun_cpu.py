@@ -25,7 +25,7 @@ from reference_impl.vllm_server import VLLMServer, VLLMServerConfig
 from . import test_bench_merged as merged_mod
 from . import test_bench_rollout as rollout_mod
 from . import test_bench_sync as sync_mod
-from .conftest import ServerSlot
+from .conftest import ServerSlot, server_overrides
 
 
 class StubBenchmark:
@@ -235,6 +235,6 @@ def test_split_step_server_overrides_fit_the_backend_config(kind, cls, model_dir
     argv = " ".join(map(str, cfg.argv(0)))
     assert str(model_dir.path) in argv and "--enable-lora" in argv
     assert f"--max-lora-rank {step.RANK}" in argv
-    own = dataclasses.replace(base, **sync_mod._own_server(kind, lora=sync_mod.POOL, mem_fraction_static=0.25))
+    own = dataclasses.replace(base, **server_overrides(kind, lora=sync_mod.POOL, mem_fraction_static=0.25))
     memory = "--gpu-memory-utilization 0.25" if kind == "vllm" else "--mem-fraction-static 0.25"
     assert memory in " ".join(map(str, own.argv(0)))

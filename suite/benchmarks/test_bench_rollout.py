@@ -25,7 +25,7 @@ from reference_impl.bench import (LoadSpec, SideBySide, env_float, env_int, env_
                                   load_rows, reply_problems, row_base, scalar_rows, server_capacity)
 from reference_impl.server import ALL_LINEAR, LoraPoolConfig
 
-from .conftest import model_with_weights, watch_vram
+from .conftest import model_with_weights, server_overrides, watch_vram
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark]
 
@@ -67,16 +67,12 @@ def _overrides(shape: str, variant: str, tmp_path_factory, backend: str = "sglan
         path, load_format = str(resolve_model(shape, weights=False).path), "dummy"
     else:
         path, load_format = _lora_assets(shape, tmp_path_factory)[0], "auto"
-    if backend == "vllm":
-        out = {"model_path": path, "load_format": load_format, "enforce_eager": False,
-               "enable_lora": variant == "lora", "max_lora_rank": LORA_RANK, "max_loras": 4}
-        return ({**out, "gpu_memory_utilization": MEM_FRACTION} if MEM_FRACTION is not None else out), path
     common = {"cuda_graphs": True, "prefill_cuda_graphs": PREFILL_GRAPHS}
     if MEM_FRACTION is not None:
         common["mem_fraction_static"] = MEM_FRACTION
     pool = (LoraPoolConfig(max_rank=LORA_RANK, target_modules=ALL_LINEAR, max_loras_per_batch=4)
             if variant == "lora" else None)
-    return {**common, "model_path": path, "load_format": load_format, "lora": pool}, path
+    return server_overrides(backend, **common, model_path=path, load_format=load_format, lora=pool), path
 
 
 def _mem_fraction(overrides: dict, base) -> float:

@@ -36,7 +36,8 @@ from reference_impl.bench import (busy_rows, env_int, row_base, scalar_rows, sta
 from reference_impl.loop import LoopConfig, run_loop, step_rows
 from reference_impl.server import ALL_LINEAR, LoraPoolConfig, SGLangServer
 
-from .conftest import free_cuda_cache, model_with_weights, trainer_backend, watch_busy, watch_vram
+from .conftest import (free_cuda_cache, model_with_weights, server_overrides, trainer_backend, watch_busy,
+                       watch_vram)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark]
 
@@ -214,11 +215,8 @@ def test_step_trl_peer(benchmark, bench_plan, step_model, results_writer, tmp_pa
 
 def _split_server(backend: str, model) -> dict:
     """ServerPool overrides of the split variants' server, in the backend's own config names."""
-    if backend == "vllm":
-        return {"model_path": str(model.path), "max_lora_rank": RANK, "max_loras": POOL.max_loras_per_batch,
-                "gpu_memory_utilization": OWN_MEM_FRACTION, "enforce_eager": not CUDA_GRAPHS}
-    return {"model_path": str(model.path), "lora": POOL, "mem_fraction_static": OWN_MEM_FRACTION,
-            "cuda_graphs": CUDA_GRAPHS}
+    return server_overrides(backend, model_path=str(model.path), lora=POOL, mem_fraction_static=OWN_MEM_FRACTION,
+                            cuda_graphs=CUDA_GRAPHS)
 
 
 @pytest.mark.gpus(2)

@@ -34,7 +34,7 @@ from reference_impl.loadgen import make_prompts
 from reference_impl.server import ALL_LINEAR, LoraPoolConfig, SGLangServer
 from reference_impl.sync import HotReload, ReleaseResume, Restart
 
-from .conftest import model_with_weights, watch_vram
+from .conftest import model_with_weights, server_overrides, watch_vram
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark]
 
@@ -117,14 +117,6 @@ def test_restart_fallback(benchmark, server_pool, model_dir, adapter_factory, be
     benchmark.extra_info.update(cold=samples[0], warm=warm, server_log=str(srv.log_path))
 
 
-def _own_server(backend: str, **changes) -> dict:
-    """ServerPool overrides for a server of this module, in the backend's own config names."""
-    if backend == "vllm":
-        renamed = {"lora": "max_lora_rank", "mem_fraction_static": "gpu_memory_utilization"}
-        changes = {renamed.get(k, k): (v.max_rank if k == "lora" else v) for k, v in changes.items()}
-    return changes
-
-
 @pytest.mark.backends("sglang", "vllm")
 def test_release_resume(benchmark, server_slot, model_dir, adapter_factory, bench_plan, results_writer, backend):
     benchmark.group = f"sync-release-resume-{backend}"
@@ -132,7 +124,7 @@ def test_release_resume(benchmark, server_slot, model_dir, adapter_factory, benc
     gpu = bench_plan.inference[0].index
     memory = ({"sleep_mode": True} if backend == "vllm"
               else {"memory_saver": True, "extra_args": ["--enable-weights-cpu-backup"]})
-    srv = server_slot.get(**memory, **_own_server(backend, mem_fraction_static=OWN_MEM_FRACTION))
+    srv = server_slot.get(**memory, **server_overrides(backend, mem_fraction_static=OWN_MEM_FRACTION))
     strategy = ReleaseResume(srv.client, gpu_index=gpu)
     strategy.publish(next(_versions), adapters[0])
     samples: list[dict] = []
@@ -171,7 +163,7 @@ def test_hot_reload(benchmark, target, rank, request, server_slot, adapter_facto
         srv, model = request.getfixturevalue("lora_server"), model_dir.name
     else:
         srv, model = server_slot.get(model_path=str(model_with_weights(target).path),
-                                      **_own_server(backend, lora=POOL, mem_fraction_static=OWN_MEM_FRACTION)), target
+                                      **server_overrides(backend, lora=POOL, mem_fraction_static=OWN_MEM_FRACTION)), target
     strategy = HotReload(srv.client, timeout_s=120)
     samples: list[dict] = []
 
