@@ -35,7 +35,8 @@ def compare(
     for name, value in map(_parse_exclude, exclude or []):
         df = df[~df["params"].map(lambda text: _param_text(text, name) == value)]
     df = df.assign(label=_labels(df, label_by))  # from the params as written: param:NAME reads one
-    dropped = list(ignore_params or []) + ([_label_param(label_by)] if _label_param(label_by) else [])
+    label_param = _label_param(label_by)
+    dropped = list(ignore_params or []) + ([label_param] if label_param else [])
     if dropped:
         df = df.assign(params=df["params"].map(lambda text: _without(text, dropped)))
     labels = list(dict.fromkeys(df["label"]))  # first-seen order, so the first file comes first
