@@ -23,8 +23,8 @@ ATTENTION_ONLY = ("q_proj", "k_proj", "v_proj", "o_proj")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
 # One host: the sockets of NCCL's bootstrap and of gloo stay on loopback. Without these a TP=2 server's schedulers
-# held 14 listeners on the host's network address (conformance run k, 4x H200). Whether these two move all of them
-# is not yet measured on a GPU. A value the user set is kept.
+# held 14 listeners on the host's network address (conformance run k, 4x H200); with them, none (run l, 4x H100).
+# A value the user set is kept.
 LOOPBACK_COLLECTIVES_ENV = {"NCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo"}
 # Variables of the trainer's environment that must not leak into the server's venv.
 ENV_NOT_INHERITED = ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "UNSLOTH_RETURN_LOGITS", "UNSLOTH_COMPILE_LOCATION",
