@@ -13,10 +13,11 @@
 #                        DDP) or 2x2 (0,1 TP=2 | 2,3 DDP): per step rollout_s, train_s, sync_ms, step_s and
 #                        rollout_output_tok_s, plus peak_vram_mib of every GPU of the layout; rows in one CSV.
 #   pair-1x1             1x1 runs of qwen3-1.7b (GPUs 0,1) and qwen3-4b (GPUs 2,3) side by side.
-# L4_END bounds the whole call (s); each task also has its own cap. The model shapes the runs need are built on
-# the CPU in the background while the first task runs (a warm machine keeps them in /tmp).
+# L4_END bounds the whole call (s); each task also has its own cap. The model shapes the runs need are built in
+# the background while the first task runs (a warm machine keeps them in /tmp): on a GPU when a run comes first,
+# on the CPU under a suite.
 set -u
-[ $# -gt 0 ] || { sed -n 2,18p "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,19p "$0"; exit 2; }
 source "$(dirname "$0")/device_common.sh" || exit 1
 END=${L4_END:-570}
 CSV=$OUT/layouts-bench.csv
