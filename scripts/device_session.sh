@@ -8,16 +8,40 @@
 #   bash scripts/device_session.sh single    # 1 GPU: conformance + restart/release
 #   bash scripts/device_session.sh bench-rollout     # rollout tok/s, MBU, TTFT, VRAM (one call)
 #   bash scripts/device_session.sh bench-sync-step   # sync, restart, release/resume, step breakdown, TRL peer
+#   bash scripts/device_session.sh prep     # install the kit and build the benchmark shapes on the GPU (the first
+#                                           # call of a warm window whose later calls carry something else)
+#   bash scripts/device_session.sh steps2   # a 2-GPU kind: every GRPO step variant on ONE model (STEPS4_MODEL):
+#                                           # GPU 0 restart | GPU 1 release/resume, then split, pipelined, TRL-HF
 #   bash scripts/device_session.sh steps4   # a 4-GPU kind: every GRPO step variant on ONE model, then the LoRA
 #                                           # rollout at concurrency 64/256 (STEPS4_MODEL, default qwen3-0.6b)
 #
 # Needs .gpu-kit/ (bash ../shared/device-kit/build.sh .gpu-kit) carried with the call. Everything lands in $OUT
 # (at most 8 files come back: server logs are packed into one tarball).
 set -u
-MODE=${1:?all4|confirm4|steps4|bench-1gpu|conformance|split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
+MODE=${1:?prep|steps2|all4|confirm4|steps4|bench-1gpu|conformance|split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
 source "$(dirname "$0")/device_common.sh" || exit 1
 
 case $MODE in
+  prep)  # built on the GPU (the CPU took ~100 s for 1.7B); later calls of the warm window find them in SPLITRL_CACHE
+    for m in ${PREP_MODELS:-qwen3-0.6b qwen3-1.7b}; do
+      timeout 200 $PY -c "from reference_impl.models import resolve_model as r; print(r('$m', device='cuda'))" \
+        2>&1 | tail -1
+    done
+    echo "prep done at ${SECONDS}s" ;;
+  steps2)  # a 2-GPU kind, one model for every variant (issue #6); the single-GPU variants first, one per GPU at
+           # once, then the split variants and the TRL-HF peer on both GPUs; hard stop $END s
+    END=${STEPS2_END:-520}
+    export SPLITRL_BENCH_STEP_MODEL=${STEPS4_MODEL:-qwen3-0.6b}
+    single_bound=${STEPS2_SINGLE_S:-270}
+    SPLITRL_BENCH_STEPS=${STEPS4_SINGLE_STEPS:-3} pytest_job step-restart $single_bound 0 \
+      suite/benchmarks/test_bench_step.py -k single_gpu_restart --benchmark-only &
+    SPLITRL_BENCH_STEPS=${STEPS4_SINGLE_STEPS:-3} pytest_job step-release $single_bound 1 \
+      suite/benchmarks/test_bench_step.py -k single_gpu_release --benchmark-only &
+    wait
+    SPLITRL_BENCH_STEPS=6 pytest_job step-split $((END - SECONDS - 10)) 0,1 suite/benchmarks/test_bench_step.py \
+      -k "split or trl" --benchmark-only
+    grep -E "step_time_ratio" "$OUT/logs/step-split.log" | tail -6
+    collect_jobs step-restart step-release step-split ;;
   split)
     splitrl_run hot-reload --steps 30 --mem-fraction 0.1 & P1=$!
     splitrl_run control --steps 30 --no-sync --mem-fraction 0.1 & P2=$!
