@@ -156,13 +156,22 @@ LOOPBACK_HEX = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and
 WILDCARD_HEX = {"00000000", "00000000000000000000000000000000"}  # 0.0.0.0 and ::
 
 
+# process titles that initialise torch.distributed: SGLang's scheduler ("sglang::scheduler"), vLLM's engine
+# core ("VLLM::EngineCore", run m's TP=1 server)
+TCPSTORE_HOLDERS = ("scheduler", "enginecore")
+
+
+def _holds_tcpstore(owner: str) -> bool:
+    return any(title in owner.lower() for title in TCPSTORE_HOLDERS)
+
+
 def listeners_beyond_loopback(listeners, tp_size: int) -> list:
-    """[(hex address, port, owner)] LISTEN sockets of a server -> its TCPStore listeners (wildcard, held by a
-    scheduler: PyTorch binds them so even for a loopback init_method; at most one per TP rank). Raises
-    ConformanceError for anything else beyond loopback, e.g. a socket on the host's own network address (a TP=2
-    server had 14, from its collectives' bootstrap)."""
+    """[(hex address, port, owner)] LISTEN sockets of a server -> its TCPStore listeners (wildcard, held by the
+    process that initialises torch.distributed: PyTorch binds them so even for a loopback init_method; at most
+    one per TP rank). Raises ConformanceError for anything else beyond loopback, e.g. a socket on the host's own
+    network address (a TP=2 server had 14, from its collectives' bootstrap)."""
     beyond = [(a, p, who) for a, p, who in listeners if a not in LOOPBACK_HEX]
-    store = [(p, who) for a, p, who in beyond if a in WILDCARD_HEX and "scheduler" in who]
+    store = [(p, who) for a, p, who in beyond if a in WILDCARD_HEX and _holds_tcpstore(who)]
     others = [(a, p, who) for a, p, who in beyond if (p, who) not in store]
     if others or len(store) > tp_size:
         raise ConformanceError(f"server ports beyond loopback: {beyond}")

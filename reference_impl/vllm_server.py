@@ -82,6 +82,8 @@ class VLLMServerConfig:
         args += ["--enable-prefix-caching" if self.enable_prefix_caching else "--no-enable-prefix-caching"]
         if self.prompt_tokens_details:
             args += ["--enable-prompt-tokens-details"]
+        if self.attention_backend:  # 0.26.0 reads no VLLM_ATTENTION_BACKEND variable any more (run m's log warned)
+            args += ["--attention-backend", self.attention_backend]
         return args + list(self.extra_args)
 
     def child_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -94,8 +96,10 @@ class VLLMServerConfig:
             env["VLLM_SERVER_DEV_MODE"] = "1"
         else:
             env.pop("VLLM_SERVER_DEV_MODE", None)
-        if self.attention_backend:
-            env["VLLM_ATTENTION_BACKEND"] = self.attention_backend
+        env.pop("VLLM_ATTENTION_BACKEND", None)  # 0.26.0 warns on it and ignores it: --attention-backend decides
+        # torch.distributed's init_method takes VLLM_HOST_IP, else the host's own address (run m: tcp://<host>:port);
+        # on loopback, nothing of the server waits for connections from the network beyond its TCPStore
+        env.setdefault("VLLM_HOST_IP", "127.0.0.1")
         env["VLLM_NO_USAGE_STATS"] = "1"  # no usage reporting attempts from an offline machine
         env["PATH"] = os.path.dirname(self.python) + os.pathsep + env.get("PATH", "")
         env.update(self.extra_env)

@@ -88,6 +88,10 @@ echo "[vllm-kit] $NW wheels installed in $((SECONDS - T0)) s"
 
 # 3) part1: the stripped vllm tree straight into site-packages (+ part3's _moe_C, kits built with KEEP_MOE)
 unxz "$P1" | tar -C "$VSITE" -xf -
+# the stripped kit has no FlashAttention .so, and vllm_flash_attn raises at import without one (every model imports
+# it through fa_utils); the TRITON_ATTN backend (--attention-backend) never calls it
+sed -i "s/^if not (FA2_AVAILABLE or FA3_AVAILABLE):$/if False:  # splitrl: FA2\/FA3 .so stripped from the offline kit/" \
+  "$VSITE/vllm/vllm_flash_attn/__init__.py"
 [ -d "$WORK/extra/vllm" ] && cp -a "$WORK/extra/vllm/." "$VSITE/vllm/"
 printf '%s\n' "#!$VENV/bin/python" "import sys" "from vllm.entrypoints.cli.main import main" "sys.exit(main())" > "$VENV/bin/vllm"
 chmod +x "$VENV/bin/vllm"

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 
+import pytest
+
+from reference_impl.conformance import ConformanceError
 from reference_impl.client import SamplingParams
 from reference_impl.hf_engine import input_logprobs
 
@@ -26,3 +30,21 @@ def reference_logprobs(hf_reference, adapter_dir, prompts=PROMPTS):
         return input_logprobs(hf_reference, prompts, name)
     finally:
         hf_reference.unload_lora_adapter(name)
+
+
+VLLM_SAME_NAME_STALE_KV = (
+    "vLLM 0.26.0 keys prefix-cache blocks by the adapter's name alone (v1/core/kv_cache_utils.py, "
+    "_gen_lora_extra_hash_keys), so a reload under the same name reuses KV computed with the old weights: the vllm "
+    "#42125 class, found on the GPU in run m. The reference implementation never reuses a name (policy-vN)")
+
+
+@contextmanager
+def vllm_same_name_stale_kv_is_known(backend: str):
+    """Around the same-name reload checks: on vLLM their failure is the upstream bug above, reported as xfail with
+    the measured numbers (a vLLM that fixes it passes); on SGLang it fails."""
+    try:
+        yield
+    except (ConformanceError, AssertionError) as e:
+        if backend == "vllm":
+            pytest.xfail(f"{VLLM_SAME_NAME_STALE_KV}: {e}")
+        raise

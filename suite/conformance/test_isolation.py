@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.gpus(2)]
 
 
 TCPSTORE_XFAIL = ("PyTorch c10d TCPStore binds all interfaces even for init_method tcp://127.0.0.1:<port> "
-                  "(SGLang's scheduler process group); shown on CPU by suite/unit/test_upstream_limits.py")
+                  "(SGLang's scheduler, vLLM's engine core); shown on CPU by suite/unit/test_upstream_limits.py")
 
 
 def _listening_addresses(pids):

@@ -6,6 +6,7 @@ import pytest
 from reference_impl import conformance as C
 from reference_impl.client import SamplingParams
 
+from .probes import vllm_same_name_stale_kv_is_known
 from .test_prefix_cache import LONG
 
 pytestmark = pytest.mark.gpu
@@ -16,7 +17,8 @@ def test_inplace_reload_is_cold_and_fresh(lora_server, adapter_factory, backend)
         pytest.skip("load_inplace is vLLM's; SGLang's same-name reload is covered by test_prefix_cache.py")
     old, new = adapter_factory(rank=16, seed=91), adapter_factory(rank=16, seed=92)
     try:
-        C.check_inplace_reload(lora_server.client, "inplace", str(old), str(new), LONG,
-                               SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
+        with vllm_same_name_stale_kv_is_known(backend):
+            C.check_inplace_reload(lora_server.client, "inplace", str(old), str(new), LONG,
+                                   SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
     finally:
         lora_server.client.unload_lora_adapter("inplace")

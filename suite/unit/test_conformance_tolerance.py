@@ -72,3 +72,18 @@ def test_only_the_tcpstore_wildcard_is_let_through():
     assert listeners_beyond_loopback(pinned[:2], tp_size=1) == []
     with pytest.raises(ConformanceError):  # a wildcard held by anything but a scheduler is not TCPStore's
         listeners_beyond_loopback(pinned + [("00000000", 8080, "python -m sglang.launch_server")], tp_size=2)
+
+
+# LISTEN sockets of run m's vLLM 0.26.0 server (TP=1, 2x H100), shortened: the API server's HTTP port and the
+# engine core's ZMQ ports on loopback; the engine core's TCPStore (its init_method's port, 39291) on ::
+RUN_M_VLLM_LISTENERS = [("0100007F", 37630, "/tmp/splitrl/vllm-venv/bin/python -m vllm.entrypoints.openai.api_server"),
+                        ("0100007F", 46743, "VLLM::EngineCore   "), ("0100007F", 43921, "VLLM::EngineCore   "),
+                        ("00000000000000000000000000000000", 39291, "VLLM::EngineCore   ")]
+
+
+def test_vllms_engine_core_tcpstore_is_recognised():
+    from reference_impl.conformance import ConformanceError, listeners_beyond_loopback
+    assert listeners_beyond_loopback(RUN_M_VLLM_LISTENERS, tp_size=1) == [(39291, "VLLM::EngineCore   ")]
+    with pytest.raises(ConformanceError):  # the API server holds no TCPStore: its wildcard would be a real leak
+        listeners_beyond_loopback(RUN_M_VLLM_LISTENERS[:3] + [
+            ("00000000", 37631, "/tmp/splitrl/vllm-venv/bin/python -m vllm.entrypoints.openai.api_server")], tp_size=1)
