@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import pandas as pd
 
@@ -86,7 +86,7 @@ class ResultRow:
     test: str
     metric: str
     value: float
-    backend: str = "sglang"
+    backend: str = ""                  # "": the writer's default_backend (the backend the running test serves)
     mode: str = ""
     strategy: str = ""
     model: str = ""
@@ -104,8 +104,12 @@ def default_run_id(now: datetime | None = None) -> str:
 class ResultsWriter:
     """Appends ResultRows to a CSV atomically (temp file + fsync + os.replace, under a lock)."""
 
-    def __init__(self, path, run_id: str | None = None, fingerprint: dict | None = None):
+    def __init__(self, path, run_id: str | None = None, fingerprint: dict | None = None,
+                 default_backend: str | Callable[[], str] = "sglang"):
         self.path = Path(path)
+        # a callable: one session writer serves tests of several backends (--backend both), each row takes the
+        # backend of the test that wrote it unless the row names its own (e.g. the TRL peer's "trl-hf")
+        self.default_backend = default_backend
         self.run_id = run_id or default_run_id()
         fp = collect_fingerprint() if fingerprint is None else fingerprint
         self.fingerprint = {key: str(fp.get(key, "") or "") for key in FINGERPRINT_KEYS}
@@ -127,12 +131,15 @@ class ResultsWriter:
         record = {
             "run_id": self.run_id,
             "timestamp_utc": utc_now().isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "suite": row.suite, "test": row.test, "backend": row.backend, "mode": row.mode,
+            "suite": row.suite, "test": row.test, "backend": row.backend or self._default_backend(), "mode": row.mode,
             "strategy": row.strategy, "model": row.model, "params": params_json(row.params),
             "metric": validate_metric(row.metric), "value": repr(value),
             **self.fingerprint,
         }
         return [str(record[col]) for col in RESULT_COLUMNS]
+
+    def _default_backend(self) -> str:
+        return self.default_backend() if callable(self.default_backend) else self.default_backend
 
     def _existing_content(self) -> str:
         """Current file text, or a fresh header; refuses files written with another schema."""
