@@ -5,7 +5,8 @@ The fakes (fixtures.fake_sglang, fixtures.fake_vllm) are TEST DOUBLES: these run
 paths (server slot,
 side-by-side rounds, adapters, sync strategies, rows into the results CSV) work end to end; every number
 they produce is meaningless and goes to a temp CSV. pytest-benchmark is replaced by a stub, so nothing here
-shows up as a benchmark. Step benchmarks are not dry-run: their trainer needs CUDA.
+shows up as a benchmark. The step benchmark's body runs once with the in-process HF engine in the server's place and
+the PEFT trainer on the CPU (its GPU trainer is Unsloth's).
 """
 from __future__ import annotations
 
@@ -224,8 +225,8 @@ def test_step_time_ratios_are_written_once_as_soon_as_both_variants_ran():
 
 @pytest.mark.parametrize("kind,cls", [("sglang", ServerConfig), ("vllm", VLLMServerConfig)])
 def test_split_step_server_overrides_fit_the_backend_config(kind, cls, model_dir):
-    """The step benchmark's split server is asked for in the backend's own config names (its trainer needs CUDA,
-    so the body itself is not dry-run); the same for the sync module's own servers."""
+    """The step benchmark's split server is asked for in the backend's own config names; the same for the sync
+    module's own servers."""
     import dataclasses
 
     from . import test_bench_step as step
@@ -238,3 +239,37 @@ def test_split_step_server_overrides_fit_the_backend_config(kind, cls, model_dir
     own = dataclasses.replace(base, **server_overrides(kind, lora=sync_mod.POOL, mem_fraction_static=0.25))
     memory = "--gpu-memory-utilization 0.25" if kind == "vllm" else "--mem-fraction-static 0.25"
     assert memory in " ".join(map(str, own.argv(0)))
+
+
+@pytest.mark.parametrize("server", ["sglang", "vllm"])
+def test_step_variant_rows_name_the_server_backend(server, model_dir, tmp_path, monkeypatch):
+    """The step body once on the CPU: the in-process HF engine stands in for the server, the PEFT trainer for
+    Unsloth. Its rows must name the server's backend (the 2x H100 run of 2026-11-26 wrote "unsloth", the trainer's,
+    and so matched no ratio pair), and an SGLang variant must pair with the TRL peer's step time."""
+    pytest.importorskip("torch")
+    import dataclasses
+
+    from reference_impl.hf_engine import HFEngine
+    from reference_impl.sync import HotReload
+
+    from . import test_bench_step as step
+
+    monkeypatch.setattr(step, "LOOP", dataclasses.replace(step.LOOP, steps=2, prompts_per_step=2, group_size=2,
+                                                          max_new_tokens=4))
+    monkeypatch.setattr(step, "trainer_backend", lambda: "peft")
+    cpu_config = step._trainer_config
+    monkeypatch.setattr(step, "_trainer_config", lambda *a, **k: dataclasses.replace(
+        cpu_config(*a, **k), device="cpu", dtype="float32", adapter_root=str(tmp_path / "adapters")))
+    for d in (step.WALL_PER_STEP_S, step.STEADY_STEP_S):
+        d.clear()
+    step.RATIOS_WRITTEN.clear()
+    step.WALL_PER_STEP_S["trl_peer"], step.STEADY_STEP_S["trl_peer"] = 8.0, 6.0
+    writer = ResultsWriter(tmp_path / "dry.csv", fingerprint={})
+    engine = HFEngine(str(model_dir.path))
+    step._run_variant(StubBenchmark(), writer, model_dir, engine, HotReload(engine), "split", "split", [],
+                      backend=server)
+    df = read_results(writer.path)
+    steps = df[df["test"] == "step_split"]
+    assert set(steps["backend"]) == {server} and set(steps["params"].map(lambda p: json.loads(p)["trainer"])) == {"peft"}
+    ratios = df[df["metric"] == "step_time_ratio"]
+    assert len(ratios) == (2 if server == "sglang" else 0)  # vLLM's variants pair with nothing of SGLang's

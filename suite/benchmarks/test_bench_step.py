@@ -117,11 +117,11 @@ def _run_variant(benchmark, results_writer, model, engine, strategy, name: str, 
     from reference_impl.tasks import WordStartTask
     from reference_impl.trainer import LoraTrainer
 
-    backend = trainer_backend()
+    trainer_name = trainer_backend()  # `backend` is the server's: the rows and the ratio keys name it
     benchmark.group = "grpo-step"
     base = row_base(f"step_{name}", model.name, mode=mode, strategy=strategy.name, backend=backend)
-    params = {**_params(), "trainer": backend, **({"max_staleness": 1} if pipelined else {})}
-    trainer = LoraTrainer(_trainer_config(model, backend, DEFAULT_PIPELINE_TIS_CAP if pipelined else None))
+    params = {**_params(), "trainer": trainer_name, **({"max_staleness": 1} if pipelined else {})}
+    trainer = LoraTrainer(_trainer_config(model, trainer_name, DEFAULT_PIPELINE_TIS_CAP if pipelined else None))
     task = WordStartTask(str(model.path))
     out: dict = {}
 
@@ -156,7 +156,7 @@ def _run_variant(benchmark, results_writer, model, engine, strategy, name: str, 
     STEADY_STEP_S[key] = summary["step_s"]
     write_new_ratios(results_writer)
     benchmark.extra_info.update(summary, wall_per_step_s=out["wall_s"] / LOOP.steps,
-                                rewards=[r.reward for r in records], trainer=backend,
+                                rewards=[r.reward for r in records], trainer=trainer_name, server=backend,
                                 staleness=[r.staleness_max for r in records])
     assert len(records) == LOOP.steps
 
