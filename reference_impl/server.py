@@ -115,6 +115,12 @@ class ServerConfig:
             args += ["--disable-radix-cache"]
         return args + list(self.extra_args)
 
+    def startup_adapter_changes(self, name: str, path: str) -> dict:
+        """Config changes that register adapter `name` at the next start (--lora-paths): the restart fallback."""
+        if self.lora is None:
+            raise ValueError("a server without a LoRA pool cannot register adapters at startup")
+        return {"lora": dataclasses.replace(self.lora, startup_adapters={name: str(path)})}
+
     def child_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         env = inheritable_env(base)
         env.update(OFFLINE_ENV)

@@ -90,11 +90,12 @@ class NoSync(HotReload):
 
 class Restart:
     """One GPU: the server is stopped while the trainer uses the GPU, then started again with the newest
-    adapter registered at startup (--lora-paths), so no rollout can run before it is servable."""
+    adapter registered at startup (SGLang --lora-paths, vLLM --lora-modules), so no rollout can run before it is
+    servable."""
     name = "restart"
 
     def __init__(self, server, verify_timeout_s: float = 30.0):
-        self.server = server  # an SGLangServer (or anything with stop()/restart(**changes)/client)
+        self.server = server  # an SGLangServer or VLLMServer (stop(), restart(**changes), client, config)
         self.current: str | None = None
         self.current_version: int | None = None
         self.verify_timeout_s = verify_timeout_s
@@ -106,11 +107,8 @@ class Restart:
         return {"stop_s": time.perf_counter() - t0}
 
     def publish(self, version: int, adapter_path: str) -> SyncRecord:
-        import dataclasses
-
         new = version_name(version)
-        pool = dataclasses.replace(self.server.config.lora, startup_adapters={new: str(adapter_path)})
-        restart_s = self.server.restart(lora=pool)
+        restart_s = self.server.restart(**self.server.config.startup_adapter_changes(new, str(adapter_path)))
         served = self.server.client.models()
         if new not in served:
             raise SyncError(f"server restarted but {new} is not registered: /v1/models lists {served}")

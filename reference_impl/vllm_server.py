@@ -14,6 +14,7 @@ trainer's. Runtime LoRA loading needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 (set he
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ class VLLMServerConfig:
     max_lora_rank: int = 64
     max_loras: int = 4                 # adapters per batch (GPU slots)
     max_cpu_loras: int | None = 8      # adapters cached in CPU memory (>= max_loras)
+    lora_modules: dict[str, str] = field(default_factory=dict)  # name -> path, registered at start
     gpu_memory_utilization: float = 0.5
     max_model_len: int = 4096
     sleep_mode: bool = False           # --enable-sleep-mode: /sleep and /wake_up free and restore GPU memory
@@ -73,6 +75,8 @@ class VLLMServerConfig:
             args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras)]
             if self.max_cpu_loras is not None:
                 args += ["--max-cpu-loras", str(self.max_cpu_loras)]
+            if self.lora_modules:  # JSON items: a path may hold "=" or ",", which the name=path form splits on
+                args += ["--lora-modules", *(json.dumps({"name": n, "path": p}) for n, p in self.lora_modules.items())]
         if self.enforce_eager:
             args += ["--enforce-eager"]
         if self.load_format != "auto":
@@ -85,6 +89,12 @@ class VLLMServerConfig:
         if self.attention_backend:  # 0.26.0 reads no VLLM_ATTENTION_BACKEND variable any more (run m's log warned)
             args += ["--attention-backend", self.attention_backend]
         return args + list(self.extra_args)
+
+    def startup_adapter_changes(self, name: str, path: str) -> dict:
+        """Config changes that register adapter `name` at the next start (--lora-modules): the restart fallback."""
+        if not self.enable_lora:
+            raise ValueError("a server without --enable-lora cannot register adapters at startup")
+        return {"lora_modules": {name: str(path)}}
 
     def child_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         env = inheritable_env(base)
@@ -129,7 +139,8 @@ def _absolute_paths(cfg: VLLMServerConfig) -> VLLMServerConfig:
         cfg, python=os.path.abspath(cfg.python) if os.sep in cfg.python else cfg.python,
         model_path=os.path.abspath(cfg.model_path) if cfg.model_path else cfg.model_path,
         tokenizer_path=os.path.abspath(cfg.tokenizer_path) if cfg.tokenizer_path else None,
-        log_dir=Path(os.path.abspath(cfg.log_dir)))
+        log_dir=Path(os.path.abspath(cfg.log_dir)),
+        lora_modules={n: os.path.abspath(p) for n, p in cfg.lora_modules.items()})
 
 
 __all__ = ["VLLMServer", "VLLMServerConfig", "VLLM_PYTHON_ENV", "ServerStartError"]

@@ -6,6 +6,7 @@ process handling and protocol mapping, never vLLM or a GPU.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -125,6 +126,33 @@ def test_restart_applies_changes(tmp_path):
         assert srv.client.health()
         srv.restart(served_model_name="served")
         assert srv.client.models() == ["served"]
+
+
+def test_startup_adapters_are_json_lora_modules_with_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = VLLMServerConfig(python="/p", model_path="/m", **VLLMServerConfig(python="/p").startup_adapter_changes(
+        "policy-v3", "adapters/a=b,c"))
+    argv = VLLMServer.absolute_paths(cfg).argv(1)
+    item = argv[argv.index("--lora-modules") + 1]
+    assert json.loads(item) == {"name": "policy-v3", "path": str(tmp_path / "adapters/a=b,c")}
+    with pytest.raises(ValueError, match="enable-lora"):
+        VLLMServerConfig(python="/p", enable_lora=False).startup_adapter_changes("x", "/a")
+
+
+def test_restart_strategy_registers_the_new_adapter_at_start(tmp_path, adapters):
+    """The one-GPU fallback on vLLM: stop, start with --lora-modules, the new version served, the old group gone."""
+    from reference_impl.sync import Restart
+
+    with VLLMServer(_cfg(tmp_path)) as srv:
+        strategy = Restart(srv)
+        old_group = srv.pid
+        assert "stop_s" in strategy.pause_for_training() and strategy.current is None
+        rec = strategy.publish(1, adapters[1])
+        assert pids_in_group(old_group) == [] and strategy.current == "policy-v1"
+        assert "policy-v1" in srv.client.models() and rec.extra["restart_s"] > 0
+        assert len(srv.client.generate([PROMPT], GREEDY, lora="policy-v1")[0].output_ids) == 8
+        log = srv.log_path.read_text()  # the new process's banner: registered at start, not loaded afterwards
+        assert "'lora_modules': ['{" in log and "POST /v1/load_lora_adapter" not in log
 
 
 # -- client protocol and error mapping ------------------------------------------------------------------
