@@ -149,11 +149,15 @@ def test_hot_reload_body_on_the_fake(backend_pool, plan, writer, adapter_factory
     assert metrics["sync_ms"] == {"rank": 8, "modules": "all-linear", "rounds": 3, "stat": "median"}
 
 
-def test_restart_body_on_the_fake(pool, plan, writer, adapter_factory, model_dir, tmp_path):
+def test_restart_body_on_the_fake(backend_pool, plan, writer, adapter_factory, model_dir, tmp_path):
+    backend, pool = backend_pool
     bench = StubBenchmark()
-    sync_mod.test_restart_fallback(bench, pool, model_dir, adapter_factory, plan, writer, tmp_path)
+    sync_mod.test_restart_fallback(bench, pool, model_dir, adapter_factory, plan, writer, tmp_path, backend)
     rows = [(m, p["cache"]) for m, p in _rows(writer) if "cache" in p]
     assert ("restart_s", "cold") in rows and ("restart_s", "warm") in rows and ("server_stop_s", "warm") in rows
+    assert set(read_results(writer.path)["backend"]) == {backend}
+    argv = " ".join(srv_argv(pool))  # the last restart registered the newest adapter at start
+    assert ("--lora-modules" if backend == "vllm" else "--lora-paths") in argv and "policy-v" in argv
 
 
 def test_release_resume_body_on_the_fake(backend_pool, plan, writer, adapter_factory, model_dir, monkeypatch):

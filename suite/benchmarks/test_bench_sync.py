@@ -11,14 +11,15 @@ Environment (defaults in brackets):
 sync_ms           sync.HotReload.publish: load policy-v{n+1} + switch + unload policy-v{n} (idle server)
 first_request_ms  a 1-token request naming the new adapter right after the sync (SGLang copies the adapter
                   into a GPU slot when it is first scheduled: that cost is here, not in sync_ms)
-restart_s         SGLangServer start (launch -> /health 200) with the newest adapter registered at startup;
-                  cache=cold: first start with EMPTY Triton/Inductor cache dirs made for this test;
+restart_s         server start (launch -> /health 200) with the newest adapter registered at startup (SGLang
+                  --lora-paths, vLLM --lora-modules); cache=cold: first start with EMPTY Triton/Inductor (and
+                  vLLM's) cache dirs made for this test;
                   cache=warm: sync.Restart stop + start again with the same (now filled) cache dirs
 release_s / resume_s / released_mib
                   sync.ReleaseResume on a --enable-memory-saver --enable-weights-cpu-backup server (vLLM:
                   --enable-sleep-mode, /sleep?level=1 and /wake_up); MiB freed = NVML used memory of the inference
                   GPU before minus after the release
-Hot reload and release/resume also run against vLLM (`--backend vllm|both`); the restart fallback is SGLang's.
+Every benchmark here also runs against vLLM (`--backend vllm|both`).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import pytest
 from reference_impl.bench import env_int, env_ints, env_list, row_base, scalar_rows, stat_values
 from reference_impl.client import SamplingParams
 from reference_impl.loadgen import make_prompts
-from reference_impl.server import ALL_LINEAR, LoraPoolConfig, SGLangServer
+from reference_impl.server import ALL_LINEAR, LoraPoolConfig
 from reference_impl.sync import HotReload, ReleaseResume, Restart
 
 from .conftest import model_with_weights, server_overrides, watch_vram
@@ -75,17 +76,19 @@ def _unload_quietly(client, name):
             pass
 
 
+@pytest.mark.backends("sglang", "vllm")
 @pytest.mark.gpus(1)
-def test_restart_fallback(benchmark, server_pool, model_dir, adapter_factory, bench_plan, results_writer, tmp_path):
+def test_restart_fallback(benchmark, server_pool, model_dir, adapter_factory, bench_plan, results_writer, tmp_path,
+                          backend):
     """Round 0 is the cold start, later rounds are warm restarts; no warm-up round (it would warm the cache)."""
-    benchmark.group = "sync-restart"
+    benchmark.group = f"sync-restart-{backend}"
     adapters = [str(adapter_factory(rank=16, modules=ALL_LINEAR, seed=s)) for s in (1, 2)]
-    cache = tmp_path / "compile-cache"
+    cache = tmp_path / "compile-cache"  # every compile cache the servers keep, so round 0 is really cold
     env = {**server_pool.base.extra_env, "TRITON_CACHE_DIR": str(cache / "triton"),
-           "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
-    pool = dataclasses.replace(POOL, startup_adapters={"policy-v0": adapters[0]})
-    srv = SGLangServer(dataclasses.replace(server_pool.base, cuda_graphs=True, extra_env=env, lora=pool,
-                                           mem_fraction_static=OWN_MEM_FRACTION))
+           "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "VLLM_CACHE_ROOT": str(cache / "vllm")}
+    cfg = dataclasses.replace(server_pool.base, **server_overrides(
+        backend, cuda_graphs=True, extra_env=env, lora=POOL, mem_fraction_static=OWN_MEM_FRACTION))
+    srv = server_pool.server_cls(dataclasses.replace(cfg, **cfg.startup_adapter_changes("policy-v0", adapters[0])))
     strategy = Restart(srv)
     samples: list[dict] = []
 
@@ -103,7 +106,7 @@ def test_restart_fallback(benchmark, server_pool, model_dir, adapter_factory, be
                       "server_stop_s": stop["stop_s"]}
         samples.append(sample)
 
-    base = row_base("sync_restart", model_dir.name, mode=bench_plan.mode, strategy="restart")
+    base = row_base("sync_restart", model_dir.name, mode=bench_plan.mode, strategy="restart", backend=backend)
     params = {"cuda_graphs": True, "rank": 16}
     try:
         with watch_vram([g.index for g in bench_plan.inference], results_writer, base, params, benchmark.extra_info):
