@@ -115,6 +115,12 @@ class ServerConfig:
             args += ["--disable-radix-cache"]
         return args + list(self.extra_args)
 
+    @staticmethod
+    def memory_release_changes() -> dict:
+        """Config changes that let the server give its GPU memory back while idle (release/resume): the memory
+        saver, with a CPU copy of the weights to resume from."""
+        return {"memory_saver": True, "extra_args": ["--enable-weights-cpu-backup"]}
+
     def startup_adapter_changes(self, name: str, path: str) -> dict:
         """Config changes that register adapter `name` at the next start (--lora-paths): the restart fallback."""
         if self.lora is None:

@@ -90,6 +90,12 @@ class VLLMServerConfig:
             args += ["--attention-backend", self.attention_backend]
         return args + list(self.extra_args)
 
+    @staticmethod
+    def memory_release_changes() -> dict:
+        """Config changes that let the server give its GPU memory back while idle (release/resume): sleep mode
+        (/sleep?level=1 moves the weights to the CPU and drops the KV cache; dev mode carries the routes)."""
+        return {"sleep_mode": True, "dev_mode": True}
+
     def startup_adapter_changes(self, name: str, path: str) -> dict:
         """Config changes that register adapter `name` at the next start (--lora-modules): the restart fallback."""
         if not self.enable_lora:

@@ -10,6 +10,7 @@ the PEFT trainer on the CPU (its GPU trainer is Unsloth's).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -243,6 +244,23 @@ def test_split_step_server_overrides_fit_the_backend_config(kind, cls, model_dir
     own = dataclasses.replace(base, **server_overrides(kind, lora=sync_mod.POOL, mem_fraction_static=0.25))
     memory = "--gpu-memory-utilization 0.25" if kind == "vllm" else "--mem-fraction-static 0.25"
     assert memory in " ".join(map(str, own.argv(0)))
+
+
+@pytest.mark.parametrize("kind,cls", [("sglang", ServerConfig), ("vllm", VLLMServerConfig)])
+def test_single_gpu_step_configs_fit_the_backend(kind, cls, model_dir, plan):
+    """The single-GPU variants' server: on the training GPU, able to release its memory (release/resume) and to
+    register the newest adapter at start (restart), in the backend's own flags."""
+    from . import test_bench_step as step
+
+    pool = SimpleNamespace(base=cls(python=sys.executable, model_path="unset", gpu_ids="0"))
+    releasable = step._single_gpu_config(pool, plan, model_dir, kind, **pool.base.memory_release_changes())
+    argv = " ".join(map(str, releasable.argv(0)))
+    assert releasable.gpu_ids == "1" and str(model_dir.path) in argv  # plan.training[0] is GPU 1
+    assert ("--enable-sleep-mode" if kind == "vllm" else "--enable-memory-saver") in argv
+    restart = step._single_gpu_config(pool, plan, model_dir, kind)
+    restart = dataclasses.replace(restart, **restart.startup_adapter_changes("policy-v0", "/adapters/v0"))
+    argv = " ".join(map(str, restart.argv(0)))
+    assert ("--lora-modules" if kind == "vllm" else "--lora-paths") in argv and "/adapters/v0" in argv
 
 
 @pytest.mark.parametrize("server", ["sglang", "vllm"])

@@ -22,6 +22,8 @@ the TRL peer runs in a child process of its own and pays its own first step.
 Each variant also gets gpu_busy_ratio / gpu_active_ratio per GPU (params gpu=i: NVML utilisation sampled over
 the run, metrics.UtilizationSampler), and step_time_ratio rows (split_pipelined/split, split_pipelined/trl_peer,
 split/trl_peer; wall per step and median after first) are written as soon as both variants of a pair have run.
+With --backend vllm|both every variant but the TRL peer also runs against vLLM (restart: --lora-modules;
+release/resume: sleep mode); the ratio rows pair SGLang's variants.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import pytest
 from reference_impl.bench import (busy_rows, env_int, row_base, scalar_rows, stat_values,
                                   step_time_ratio_rows)
 from reference_impl.loop import LoopConfig, run_loop, step_rows
-from reference_impl.server import ALL_LINEAR, LoraPoolConfig, SGLangServer
+from reference_impl.server import ALL_LINEAR, LoraPoolConfig
 
 from .conftest import (free_cuda_cache, model_with_weights, server_overrides, trainer_backend, watch_busy,
                        watch_vram)
@@ -168,10 +170,11 @@ def _trainer_config(model, backend: str, tis_cap: float | None = None):
                          device="cuda", dtype="bfloat16", tis_cap=tis_cap)
 
 
-def _single_gpu_config(server_pool, bench_plan, model, **changes):
-    """The server on the first TRAINING GPU: the trainer (this process, cuda:0) and SGLang share it."""
-    return dataclasses.replace(server_pool.base, model_path=str(model.path), gpu_ids=str(bench_plan.training[0].index),
-                               tp_size=1, lora=POOL, mem_fraction_static=OWN_MEM_FRACTION, cuda_graphs=CUDA_GRAPHS,
+def _single_gpu_config(server_pool, bench_plan, model, backend: str, **changes):
+    """The server on the first TRAINING GPU: the trainer (this process, cuda:0) and the server share it."""
+    return dataclasses.replace(server_pool.base, gpu_ids=str(bench_plan.training[0].index), tp_size=1,
+                               **server_overrides(backend, model_path=str(model.path), lora=POOL,
+                                                  mem_fraction_static=OWN_MEM_FRACTION, cuda_graphs=CUDA_GRAPHS),
                                **changes)
 
 
@@ -241,28 +244,32 @@ def test_step_split(benchmark, server_slot, bench_plan, step_model, results_writ
 
 
 @pytest.mark.gpus(1)
-def test_step_single_gpu_restart(benchmark, server_pool, bench_plan, step_model, results_writer, trainer_warmed):
+@pytest.mark.backends("sglang", "vllm")
+def test_step_single_gpu_restart(benchmark, server_pool, bench_plan, step_model, results_writer, trainer_warmed,
+                                 backend):
     from reference_impl.sync import Restart
 
-    srv = SGLangServer(_single_gpu_config(server_pool, bench_plan, step_model))  # Restart.publish(0) starts it
+    # not started here: Restart.publish(0) starts it, with policy-v0 registered
+    srv = server_pool.server_cls(_single_gpu_config(server_pool, bench_plan, step_model, backend))
     try:
         _run_variant(benchmark, results_writer, step_model, _ClientOf(srv), Restart(srv), "restart", "single",
-                     [bench_plan.training[0].index])
+                     [bench_plan.training[0].index], backend=backend)
     finally:
         srv.stop()
 
 
 @pytest.mark.gpus(1)
+@pytest.mark.backends("sglang", "vllm")
 def test_step_single_gpu_release_resume(benchmark, server_pool, bench_plan, step_model, results_writer,
-                                        trainer_warmed):
+                                        trainer_warmed, backend):
     from reference_impl.sync import ReleaseResume
 
     gpu = bench_plan.training[0].index
-    srv = SGLangServer(_single_gpu_config(server_pool, bench_plan, step_model, memory_saver=True,
-                                          extra_args=["--enable-weights-cpu-backup"])).start()
+    srv = server_pool.server_cls(_single_gpu_config(server_pool, bench_plan, step_model, backend,
+                                                    **server_pool.base.memory_release_changes())).start()
     try:
         _run_variant(benchmark, results_writer, step_model, srv.client, ReleaseResume(srv.client, gpu_index=gpu),
-                     "release_resume", "single", [gpu])
+                     "release_resume", "single", [gpu], backend=backend)
     finally:
         srv.stop()
 

@@ -125,9 +125,8 @@ def test_release_resume(benchmark, server_slot, model_dir, adapter_factory, benc
     benchmark.group = f"sync-release-resume-{backend}"
     adapters = [str(adapter_factory(rank=16, modules=ALL_LINEAR, seed=s)) for s in (1, 2)]
     gpu = bench_plan.inference[0].index
-    memory = ({"sleep_mode": True} if backend == "vllm"
-              else {"memory_saver": True, "extra_args": ["--enable-weights-cpu-backup"]})
-    srv = server_slot.get(**memory, **server_overrides(backend, mem_fraction_static=OWN_MEM_FRACTION))
+    srv = server_slot.get(**server_slot.pool.base.memory_release_changes(),
+                          **server_overrides(backend, mem_fraction_static=OWN_MEM_FRACTION))
     strategy = ReleaseResume(srv.client, gpu_index=gpu)
     strategy.publish(next(_versions), adapters[0])
     samples: list[dict] = []

@@ -44,9 +44,8 @@ def test_restart_serves_newest_adapter_cold(server_pool, adapter_factory, hf_ref
 
 
 def test_release_frees_memory_and_outputs_survive(server_pool, adapter_factory, gpu_plan, results_writer, backend):
-    releasable = ({"sleep_mode": True} if backend == "vllm"
-                  else {"memory_saver": True, "extra_args": ["--enable-weights-cpu-backup"]})
-    cfg = dataclasses.replace(server_pool.base, **_gpu_share(backend, 0.2), **releasable)
+    cfg = dataclasses.replace(server_pool.base, **_gpu_share(backend, 0.2),
+                              **server_pool.base.memory_release_changes())
     gpu = gpu_plan["plan"].inference[0].index
     adapter = adapter_factory(rank=16, seed=81)
     with server_pool.server_cls(cfg) as srv:
