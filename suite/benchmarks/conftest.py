@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from fixtures.gpu import server_overrides  # noqa: F401 - the benchmark modules import it from here
 from reference_impl.bench import busy_rows, vram_rows
 from reference_impl.metrics import NvmlSampler, UtilizationSampler
 
@@ -89,28 +90,6 @@ def watch_busy(indices, writer, base: dict, params: dict, info: dict, interval_s
     info.update({f"gpu_busy_ratio[gpu{i}]": v for i, v in busy.items()})
     if busy:
         writer.append(busy_rows(base, busy, active, params))
-
-
-def server_overrides(backend: str, **changes) -> dict:
-    """ServerPool overrides written in SGLang's ServerConfig names, in the backend's own names: for vLLM the LoRA
-    pool becomes --enable-lora/--max-lora-rank/--max-loras, mem_fraction_static --gpu-memory-utilization and
-    cuda_graphs the absence of --enforce-eager; prefill_cuda_graphs (SGLang's piecewise prefill graphs) has no
-    counterpart and is dropped. Other names (model_path, load_format) are the same in both."""
-    if backend != "vllm":
-        return changes
-    out: dict = {}
-    for name, value in changes.items():
-        if name == "lora":
-            out["enable_lora"] = value is not None
-            if value is not None:
-                out.update(max_lora_rank=value.max_rank, max_loras=value.max_loras_per_batch)
-        elif name == "mem_fraction_static":
-            out["gpu_memory_utilization"] = value
-        elif name == "cuda_graphs":
-            out["enforce_eager"] = not value
-        elif name != "prefill_cuda_graphs":
-            out[name] = value
-    return out
 
 
 def trainer_backend() -> str:

@@ -13,6 +13,8 @@ from reference_impl.procs import pids_in_group
 from reference_impl.results import ResultRow
 from reference_impl.sync import ReleaseResume, Restart
 
+from fixtures.gpu import server_overrides
+
 from .probes import PROMPTS, reference_logprobs, served_logprobs
 from .test_prefix_cache import LONG
 
@@ -21,7 +23,8 @@ GREEDY = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
 
 
 def test_restart_serves_newest_adapter_cold(server_pool, adapter_factory, hf_reference, results_writer, backend):
-    srv = server_pool.server_cls(dataclasses.replace(server_pool.base, **_gpu_share(backend, 0.2))).start()
+    cfg = dataclasses.replace(server_pool.base, **server_overrides(backend, mem_fraction_static=0.2))
+    srv = server_pool.server_cls(cfg).start()
     try:
         strategy = Restart(srv)
         paused = strategy.pause_for_training()
@@ -44,7 +47,7 @@ def test_restart_serves_newest_adapter_cold(server_pool, adapter_factory, hf_ref
 
 
 def test_release_frees_memory_and_outputs_survive(server_pool, adapter_factory, gpu_plan, results_writer, backend):
-    cfg = dataclasses.replace(server_pool.base, **_gpu_share(backend, 0.2),
+    cfg = dataclasses.replace(server_pool.base, **server_overrides(backend, mem_fraction_static=0.2),
                               **server_pool.base.memory_release_changes())
     gpu = gpu_plan["plan"].inference[0].index
     adapter = adapter_factory(rank=16, seed=81)
@@ -71,10 +74,6 @@ def test_release_frees_memory_and_outputs_survive(server_pool, adapter_factory, 
             pytest.xfail(f"{SGLANG_4336} Measured: {note}")
         pytest.fail(f"sleep freed {paused['released_mib']:.0f} MiB (floor {RELEASE_FLOOR_MIB} MiB): {note}")
 
-
-def _gpu_share(backend: str, fraction: float) -> dict:
-    """The server's share of its GPU, in the backend's own option (vLLM's counts weights and KV alike)."""
-    return {"gpu_memory_utilization": fraction} if backend == "vllm" else {"mem_fraction_static": fraction}
 
 
 RELEASE_FLOOR_MIB = 1024  # the tiny model's KV pool alone is GBs at mem_fraction 0.2; 1 GiB is a floor
