@@ -292,6 +292,7 @@ def test_step_variant_rows_name_the_server_backend(server, model_dir, tmp_path, 
                       backend=server)
     df = read_results(writer.path)
     steps = df[df["test"] == "step_split"]
-    assert set(steps["backend"]) == {server} and set(steps["params"].map(lambda p: json.loads(p)["trainer"])) == {"peft"}
+    trainers = set(steps["params"].map(lambda p: json.loads(p)["trainer"]))
+    assert set(steps["backend"]) == {server} and trainers == {"peft"}
     ratios = df[df["metric"] == "step_time_ratio"]
     assert len(ratios) == (2 if server == "sglang" else 0)  # vLLM's variants pair with nothing of SGLang's

@@ -164,8 +164,8 @@ def test_hot_reload(benchmark, target, rank, request, server_slot, adapter_facto
     if target == "session":
         srv, model = request.getfixturevalue("lora_server"), model_dir.name
     else:
-        srv, model = server_slot.get(model_path=str(model_with_weights(target).path),
-                                      **server_overrides(backend, lora=POOL, mem_fraction_static=OWN_MEM_FRACTION)), target
+        own = server_overrides(backend, lora=POOL, mem_fraction_static=OWN_MEM_FRACTION)
+        srv, model = server_slot.get(model_path=str(model_with_weights(target).path), **own), target
     strategy = HotReload(srv.client, timeout_s=120)
     samples: list[dict] = []
 
