@@ -82,6 +82,9 @@ class ServerConfig:
     # SGLang's piecewise (torch.compile) prefill graphs: ~90 s of a cold start for a 1.7B shape, and never
     # used with LoRA (SGLang turns them off there), so base-vs-LoRA comparisons may want them off on both
     prefill_cuda_graphs: bool = True
+    # largest decode batch captured (None: SGLang's default, up to 256 and more): each start captures every size,
+    # ~74 s of a 0.6B start on an H100, so a server restarted per step caps it at the batch it will serve
+    cuda_graph_max_bs: int | None = None
     memory_saver: bool = False
     load_format: str = "auto"          # "dummy": config-only dirs (no LoRA possible, see notes)
     context_length: int = 4096
@@ -109,6 +112,8 @@ class ServerConfig:
             args += ["--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled"]
         elif not self.prefill_cuda_graphs:
             args += ["--cuda-graph-backend-prefill", "disabled"]
+        if self.cuda_graphs and self.cuda_graph_max_bs is not None:
+            args += ["--cuda-graph-max-bs-decode", str(self.cuda_graph_max_bs)]
         if self.memory_saver:
             args += ["--enable-memory-saver"]
         if self.disable_radix_cache:

@@ -51,6 +51,7 @@ class VLLMServerConfig:
     prompt_tokens_details: bool = True  # usage.prompt_tokens_details.cached_tokens in every answer
     attention_backend: str = "TRITON_ATTN"  # no FlashAttention kernels needed (stripped from an offline kit)
     enforce_eager: bool = True         # no CUDA graphs / torch.compile: fast, predictable start
+    max_cudagraph_capture_size: int | None = None  # largest batch captured when not eager (None: vLLM's default)
     load_format: str = "auto"          # "dummy": random weights from config.json (throughput of a shape)
     seed: int = 0
     dtype: str = "bfloat16"
@@ -79,6 +80,8 @@ class VLLMServerConfig:
                 args += ["--lora-modules", *(json.dumps({"name": n, "path": p}) for n, p in self.lora_modules.items())]
         if self.enforce_eager:
             args += ["--enforce-eager"]
+        elif self.max_cudagraph_capture_size is not None:
+            args += ["--max-cudagraph-capture-size", str(self.max_cudagraph_capture_size)]
         if self.load_format != "auto":
             args += ["--load-format", self.load_format]
         if self.sleep_mode:

@@ -8,10 +8,13 @@
 #   call 3 (same warm machine, nothing carried: the vLLM venv is reused):
 #                                       bash scripts/device_vllm.sh run bench   # --benchmark-only --backend vllm
 #   (or `run PYTEST ARGS...` for anything else)
-# `bench` sizes the set to one call: rollout qwen3-1.7b base at concurrency 64 and 256, hot reload r16 x 5, the split
-# step on qwen3-0.6b x 4 steps, the TRL peer left out (it has no backend). vLLM only: with --backend both pytest ran
-# every SGLang variant first and the call's bound came before any vLLM one (2026-11-26); SGLang's rows for the same
-# set on the same kind are in results/nvidia-h100-x2-*-20261126.csv. VLLM_RUN_END (570) bounds the call in seconds.
+#   VLLM_RUN_END bounds a call (s); VLLM_ONE_GPU_S (290) bounds each of bench's two one-GPU jobs
+# `bench` sizes the set to one call: rollout qwen3-1.7b base at concurrency 64 and 256 (GPU 0) next to hot reload
+# r16 x 5 (GPU 1), then the split step on qwen3-0.6b x 4 steps (both GPUs); the TRL peer left out (it has no
+# backend). Each compiled vLLM start (CUDA graphs on, as deployed) costs minutes, so the two one-GPU benchmarks run
+# at once on their own GPUs (they share the host's CPUs). vLLM only: with --backend both pytest ran every SGLang
+# variant first and the call's bound came before any vLLM one (2026-11-26); SGLang's rows for the same set on the
+# same kind are in results/nvidia-h100-x2-*-20261126.csv. VLLM_RUN_END (570) bounds the call in seconds.
 #
 # `run` installs PREFIX/vllm-venv (scripts/vllm_kit/install.sh; reused when already there) and runs pytest with
 # SPLITRL_VLLM_PYTHON set. The SGLang kit must already be installed in /tmp/splitrl by an earlier call of this warm
@@ -43,19 +46,32 @@ case $MODE in
     # import check first (bounded): a missing dependency shows here in seconds, not after a server start timeout
     timeout 120 "$SPLITRL_VLLM_PYTHON" -c 'import vllm, vllm.entrypoints.openai.api_server as a; print("vllm", vllm.__version__, "api_server imports")' \
       > "$OUT/logs/vllm-import.log" 2>&1; echo "vllm import exit $?: $(tail -1 "$OUT/logs/vllm-import.log")"
+    END=${VLLM_RUN_END:-570}
+    left() { echo $((END - SECONDS)); }
+    [ "$(left)" -gt 60 ] || { echo "only $(left)s left for pytest: not started"; finish_outputs; exit 1; }
     case ${1:-conf} in
       # vLLM's side only: SGLang's conformance (runs a-l) and benchmarks (2026-11-26, this kind) ran in calls of their
       # own, and both in one call don't fit its 10 minutes (SGLang's suite ~340 s + vLLM's 220 s + the kit)
-      conf) set -- suite -m gpu --backend vllm -k "not ddp_nccl" ;;  # the DDP tests start no server
+      conf)  # the DDP tests start no server
+        pytest_job vllm-conf "$(left)" "$(seq -s, 0 $((N - 1)))" suite -m gpu --backend vllm -k "not ddp_nccl"
+        grep -E "^(FAILED|ERROR|XFAIL)|passed|failed" "$OUT/logs/vllm-conf.log" | cut -c1-300 | tail -25
+        collect_jobs vllm-conf ;;
       bench)
         export SPLITRL_BENCH_SHAPES=qwen3-1.7b SPLITRL_BENCH_LORA_SHAPES= SPLITRL_BENCH_CONCURRENCY=64,256 \
           SPLITRL_BENCH_SYNC_RANKS=16 SPLITRL_BENCH_SYNC_ROUNDS=5 SPLITRL_BENCH_STEP_MODEL=qwen3-0.6b SPLITRL_BENCH_STEPS=4
-        set -- suite/benchmarks/test_bench_rollout.py suite/benchmarks/test_bench_sync.py::test_hot_reload \
-          suite/benchmarks/test_bench_step.py::test_step_split --benchmark-only --backend vllm ;;
+        one_gpu_s=${VLLM_ONE_GPU_S:-290}
+        pytest_job vllm-rollout "$one_gpu_s" 0 suite/benchmarks/test_bench_rollout.py --benchmark-only --backend vllm &
+        pytest_job vllm-sync "$one_gpu_s" 1 suite/benchmarks/test_bench_sync.py::test_hot_reload --benchmark-only \
+          --backend vllm &
+        wait
+        [ "$(left)" -gt 60 ] && pytest_job vllm-step "$(left)" 0,1 suite/benchmarks/test_bench_step.py::test_step_split \
+          --benchmark-only --backend vllm
+        for j in vllm-rollout vllm-sync vllm-step; do
+          [ -f "$OUT/logs/$j.log" ] && grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/logs/$j.log" | cut -c1-300 | tail -6
+        done
+        collect_jobs vllm-rollout vllm-sync vllm-step ;;
+      *) pytest_job vllm-run "$(left)" "$(seq -s, 0 $((N - 1)))" "$@"; collect_jobs vllm-run ;;
     esac
-    LEFT=$((${VLLM_RUN_END:-570} - SECONDS)); [ $LEFT -gt 60 ] || { echo "only ${LEFT}s left for pytest: not started"; finish_outputs; exit 1; }
-    pytest_job vllm-both $LEFT "$(seq -s, 0 $((N - 1)))" "$@"
-    grep -E "^(FAILED|ERROR|XFAIL)|passed|failed" "$OUT/logs/vllm-both.log" | tail -25
-    collect_jobs vllm-both; finish_outputs ;;
+    finish_outputs ;;
   *) echo "unknown mode $MODE (stash [1|3] | run [pytest args])"; exit 2 ;;
 esac

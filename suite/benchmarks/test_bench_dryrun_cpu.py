@@ -257,10 +257,14 @@ def test_single_gpu_step_configs_fit_the_backend(kind, cls, model_dir, plan):
     argv = " ".join(map(str, releasable.argv(0)))
     assert releasable.gpu_ids == "1" and str(model_dir.path) in argv  # plan.training[0] is GPU 1
     assert ("--enable-sleep-mode" if kind == "vllm" else "--enable-memory-saver") in argv
-    restart = step._single_gpu_config(pool, plan, model_dir, kind)
+    cap = "--max-cudagraph-capture-size" if kind == "vllm" else "--cuda-graph-max-bs-decode"
+    assert cap not in argv  # only the restart variant caps its graphs
+    restart = step._single_gpu_config(pool, plan, model_dir, kind, graph_max_bs=32)
     restart = dataclasses.replace(restart, **restart.startup_adapter_changes("policy-v0", "/adapters/v0"))
     argv = " ".join(map(str, restart.argv(0)))
     assert ("--lora-modules" if kind == "vllm" else "--lora-paths") in argv and "/adapters/v0" in argv
+    # the cap survives the restart's config change: every restart captures again, so every start must be capped
+    assert f"{cap} 32" in argv
 
 
 @pytest.mark.parametrize("server", ["sglang", "vllm"])

@@ -7,6 +7,10 @@ Environment (defaults in brackets):
   SPLITRL_BENCH_STEP_GEN_LEN  [64]    max new tokens (ignore_eos; TRL: min_new_tokens = max)
   SPLITRL_BENCH_STEP_CUDA_GRAPHS [1]  SGLang decode CUDA graphs on the benchmark servers (as deployed; without
                                       them a 0.6B decode step is CPU-launch bound: ~25 ms on an H200)
+  SPLITRL_BENCH_STEP_RESTART_GRAPH_MAX_BS [prompts x group]  largest decode batch the single-GPU restart
+                                      variant's server captures (0: the backend's default). Every restart captures
+                                      again (SGLang's default sizes up to 256 took 74 s of a 0.6B start on an H100),
+                                      and a step never decodes more than prompts x group sequences at once
 
 Variants: split (inference GPU(s) + training GPU, hot reload), split_pipelined (the same split with rollouts of
 step n+1 overlapping training of step n: reference_impl.pipeline, max staleness 1, decoupled off-policy
@@ -50,6 +54,7 @@ LOOP = LoopConfig(steps=env_int("SPLITRL_BENCH_STEPS", 5), prompts_per_step=env_
 RANK, ALPHA, LR = 16, 32, 2e-2
 CUDA_GRAPHS = bool(env_int("SPLITRL_BENCH_STEP_CUDA_GRAPHS", 1))
 POOL = LoraPoolConfig(max_rank=RANK, target_modules=ALL_LINEAR, max_loras_per_batch=4, max_loaded_loras=8)
+RESTART_GRAPH_MAX_BS = env_int("SPLITRL_BENCH_STEP_RESTART_GRAPH_MAX_BS", LOOP.prompts_per_step * LOOP.group_size)
 OWN_MEM_FRACTION = 0.3  # leaves room for the trainer (single GPU) or the session lora_server (split)
 # variant -> step time, for the step_time_ratio rows at the end: the whole-run wall per step (the variant that
 # runs first also pays Unsloth's first-use compile, ~15 s on an H200) and the steady state (median after step 0)
@@ -112,7 +117,7 @@ def _params() -> dict:
 
 
 def _run_variant(benchmark, results_writer, model, engine, strategy, name: str, mode: str, gpus: list[int],
-                 pipelined: bool = False, backend: str = "sglang"):
+                 pipelined: bool = False, backend: str = "sglang", extra_params: dict | None = None):
     """run_loop (or run_pipelined) once under pedantic; per-step rows and summaries; trainer memory handed back."""
     from reference_impl.job import DEFAULT_PIPELINE_TIS_CAP
     from reference_impl.pipeline import PipelineConfig, run_pipelined
@@ -122,7 +127,8 @@ def _run_variant(benchmark, results_writer, model, engine, strategy, name: str, 
     trainer_name = trainer_backend()  # `backend` is the server's: the rows and the ratio keys name it
     benchmark.group = "grpo-step"
     base = row_base(f"step_{name}", model.name, mode=mode, strategy=strategy.name, backend=backend)
-    params = {**_params(), "trainer": trainer_name, **({"max_staleness": 1} if pipelined else {})}
+    params = {**_params(), "trainer": trainer_name, **({"max_staleness": 1} if pipelined else {}),
+              **(extra_params or {})}
     trainer = LoraTrainer(_trainer_config(model, trainer_name, DEFAULT_PIPELINE_TIS_CAP if pipelined else None))
     task = WordStartTask(str(model.path))
     out: dict = {}
@@ -170,11 +176,14 @@ def _trainer_config(model, backend: str, tis_cap: float | None = None):
                          device="cuda", dtype="bfloat16", tis_cap=tis_cap)
 
 
-def _single_gpu_config(server_pool, bench_plan, model, backend: str, **changes):
-    """The server on the first TRAINING GPU: the trainer (this process, cuda:0) and the server share it."""
+def _single_gpu_config(server_pool, bench_plan, model, backend: str, graph_max_bs: int = 0, **changes):
+    """The server on the first TRAINING GPU: the trainer (this process, cuda:0) and the server share it.
+    graph_max_bs > 0 caps the decode batch sizes its CUDA graphs capture (0: the backend's default)."""
+    capped = {"cuda_graph_max_bs": graph_max_bs} if CUDA_GRAPHS and graph_max_bs > 0 else {}
     return dataclasses.replace(server_pool.base, gpu_ids=str(bench_plan.training[0].index), tp_size=1,
                                **server_overrides(backend, model_path=str(model.path), lora=POOL,
-                                                  mem_fraction_static=OWN_MEM_FRACTION, cuda_graphs=CUDA_GRAPHS),
+                                                  mem_fraction_static=OWN_MEM_FRACTION, cuda_graphs=CUDA_GRAPHS,
+                                                  **capped),
                                **changes)
 
 
@@ -250,10 +259,12 @@ def test_step_single_gpu_restart(benchmark, server_pool, bench_plan, step_model,
     from reference_impl.sync import Restart
 
     # not started here: Restart.publish(0) starts it, with policy-v0 registered
-    srv = server_pool.server_cls(_single_gpu_config(server_pool, bench_plan, step_model, backend))
+    srv = server_pool.server_cls(_single_gpu_config(server_pool, bench_plan, step_model, backend,
+                                                    graph_max_bs=RESTART_GRAPH_MAX_BS))
     try:
         _run_variant(benchmark, results_writer, step_model, _ClientOf(srv), Restart(srv), "restart", "single",
-                     [bench_plan.training[0].index], backend=backend)
+                     [bench_plan.training[0].index], backend=backend,
+                     extra_params={"graph_max_bs": RESTART_GRAPH_MAX_BS if CUDA_GRAPHS else 0})
     finally:
         srv.stop()
 

@@ -110,6 +110,9 @@ def test_argv_and_child_env(tmp_path, fake_model_dir):
     assert "--cuda-graph-backend-decode" not in decode_only
     assert decode_only[decode_only.index("--cuda-graph-backend-prefill") + 1] == "disabled"
     assert "--cuda-graph-backend-prefill" not in make_config(tmp_path, fake_model_dir).argv(23456)
+    capped = make_config(tmp_path, fake_model_dir, cuda_graph_max_bs=32).argv(23456)
+    assert capped[capped.index("--cuda-graph-max-bs-decode") + 1] == "32"
+    assert "--cuda-graph-max-bs-decode" not in cfg.argv(23456)  # no graphs, nothing to cap
 
     env = cfg.child_env({"PYTHONPATH": "/trainer/src", "VIRTUAL_ENV": "/trainer/.venv", "PATH": "/usr/bin",
                          "CUDA_VISIBLE_DEVICES": "0", "KEEP": "1"})

@@ -6,6 +6,8 @@ process handling and protocol mapping, never vLLM or a GPU.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import sys
 from pathlib import Path
@@ -71,6 +73,11 @@ def test_argv_and_env(tmp_path):
     assert "VLLM_SERVER_DEV_MODE" not in plain.child_env({"VLLM_SERVER_DEV_MODE": "1"})
     a = plain.argv(1)
     assert "--enable-sleep-mode" not in a and "--enforce-eager" not in a and "--max-cpu-loras" not in a
+    assert "--max-cudagraph-capture-size" not in a and "--max-cudagraph-capture-size" not in s  # vLLM's default
+    capped = " ".join(dataclasses.replace(plain, max_cudagraph_capture_size=32).argv(1))
+    assert "--max-cudagraph-capture-size 32" in capped
+    eager = dataclasses.replace(cfg, max_cudagraph_capture_size=32).argv(1)
+    assert "--max-cudagraph-capture-size" not in eager  # eager: no graphs to cap
 
 
 def test_python_from_env(monkeypatch):
