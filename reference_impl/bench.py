@@ -209,7 +209,9 @@ def mbu_value(model_config: dict, batch: int, prompt_len: int, gen_len: int, out
 
 # ---------------------------------------------------------------- results rows
 
-def row_base(test: str, model: str, mode: str = "", strategy: str = "", backend: str = "sglang") -> dict:
+def row_base(test: str, model: str, mode: str = "", strategy: str = "", backend: str = "") -> dict:
+    """The identifying columns of a benchmark's rows. backend "" leaves it to the writer: the backend of the test
+    that writes the row (a vLLM session's trainer warm-up wrote "sglang" while this defaulted to it)."""
     return {"suite": SUITE, "test": test, "backend": backend, "mode": mode, "strategy": strategy, "model": model}
 
 

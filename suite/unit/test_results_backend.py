@@ -21,6 +21,17 @@ def test_rows_take_the_running_backend_unless_they_name_one(tmp_path):
     assert list(read_results(tmp_path / "r.csv")["backend"]) == ["sglang", "vllm", "trl-hf"]
 
 
+def test_benchmark_rows_without_a_backend_take_the_running_one(tmp_path):
+    """row_base leaves the backend to the writer: a vLLM session's trainer warm-up row said "sglang" (2x H100,
+    2026-11-26) while row_base defaulted to it."""
+    from reference_impl.bench import row_base, scalar_rows
+
+    writer = ResultsWriter(tmp_path / "r.csv", fingerprint={}, default_backend=lambda: "vllm")
+    writer.append(scalar_rows(row_base("step_warmup", "tiny"), {"warmup_train_s": 1.0}, {})
+                  + scalar_rows(row_base("step_trl_peer", "tiny", backend="trl-hf"), {"step_s": 2.0}, {}))
+    assert list(read_results(tmp_path / "r.csv")["backend"]) == ["vllm", "trl-hf"]
+
+
 def test_a_plain_writer_keeps_sglang_as_its_default(tmp_path):
     ResultsWriter(tmp_path / "r.csv", fingerprint={}).append(_row())
     assert list(read_results(tmp_path / "r.csv")["backend"]) == ["sglang"]
