@@ -1,7 +1,7 @@
 """`splitrl run`: plan the GPUs, start SGLang and the trainer, run N GRPO steps, write results rows.
 
     splitrl run --model tiny --steps 30                       # 2+ GPUs: split, hot reload
-    splitrl run --model tiny --steps 30 --no-sync             # the control: rollouts stay on policy-v0
+    splitrl run --model tiny --steps 30 --no-sync             # the control: rollouts stay on v0 (policy-<run>-v0)
     splitrl run --model tiny --steps 30 --strategy restart    # 1 GPU fallback
     splitrl run --model tiny --steps 5 --engine hf --trainer peft   # no GPU: HF engine, PEFT trainer
     splitrl run --model tiny --steps 30 --pipeline            # split: rollouts of step n+1 overlap training n

@@ -1,17 +1,21 @@
 """Weight-sync strategies behind one interface: how a new LoRA version reaches the rollout server.
 
-    hot reload      (split mode)  load policy-v{n+1}, switch rollouts to it, unload policy-v{n}
+    hot reload      (split mode)  load policy-<run>-v{n+1}, switch rollouts to it, unload policy-<run>-v{n}
     restart         (one GPU)     stop the server while training, start it with the newest adapter registered
     release/resume  (one GPU)     SGLang releases its GPU memory while training, resumes, then hot-loads
-    none            (control)     never publish: rollouts stay on policy-v0 (reward must stay flat)
+    none            (control)     never publish: rollouts stay on v0 (reward must stay flat)
 
 Every strategy exposes `current`: the adapter name every rollout request must carry. It is None while no
 adapter is servable (a restarting server), and the loop refuses to roll out then: the base model is never
 served by accident. Versioned names avoid SGLang's same-name unload/load race and its "resurrection" of
-unloaded names (see shared notes).
+unloaded names (see shared notes). The hot-loading strategies also put a per-run tag in the name: a persistent
+server outlives a run, and a second run's policy-v1 under the first run's name would meet vLLM 0.26.0's prefix
+cache keyed by the adapter's name (run m: 496 of 512 prompt tokens of stale KV reused) and SGLang's resurrection.
+A restart starts an empty server, so its names need no tag.
 """
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -23,8 +27,14 @@ class SyncError(RuntimeError):
     """A sync that did not take effect; the previous version is still the one served."""
 
 
-def version_name(version: int) -> str:
-    return f"policy-v{version}"
+def version_name(version: int, run_tag: str = "") -> str:
+    """policy-v3, or policy-<run_tag>-v3: the name an adapter version is served under."""
+    return f"policy-{run_tag}-v{version}" if run_tag else f"policy-v{version}"
+
+
+def new_run_tag() -> str:
+    """Six hex digits, fresh per strategy: no two runs against one server share an adapter name."""
+    return secrets.token_hex(3)
 
 
 @dataclass
@@ -45,19 +55,24 @@ class AdapterServer(Protocol):
 class HotReload:
     name = "hot-reload"
 
-    def __init__(self, server: AdapterServer, timeout_s: float = 60.0, keep_previous: bool = False):
+    def __init__(self, server: AdapterServer, timeout_s: float = 60.0, keep_previous: bool = False,
+                 run_tag: str | None = None):
         self.server = server
         self.timeout_s = timeout_s
         self.keep_previous = keep_previous  # True only for tests that compare versions side by side
+        self.run_tag = new_run_tag() if run_tag is None else run_tag
         self.current: str | None = None
         self.current_version: int | None = None
+
+    def adapter_name(self, version: int) -> str:
+        return version_name(version, self.run_tag)
 
     def pause_for_training(self) -> dict:
         return {}
 
     def publish(self, version: int, adapter_path: str) -> SyncRecord:
         t0 = time.perf_counter()
-        new = version_name(version)
+        new = self.adapter_name(version)
         loaded = self._call(self.server.load_lora_adapter, new, str(adapter_path))
         if new not in loaded:
             raise SyncError(f"load of {new} answered success but loaded_adapters={sorted(loaded)}")
@@ -123,8 +138,9 @@ class ReleaseResume(HotReload):
     """One GPU, for comparison: SGLang releases KV cache and weights (with a CPU backup) while training."""
     name = "release-resume"
 
-    def __init__(self, client, gpu_index: int | None = None, timeout_s: float = 120.0, server_pids=None):
-        super().__init__(client, timeout_s)
+    def __init__(self, client, gpu_index: int | None = None, timeout_s: float = 120.0, server_pids=None,
+                 run_tag: str | None = None):
+        super().__init__(client, timeout_s, run_tag=run_tag)
         self.client = client
         self.gpu_index = gpu_index
         self.server_pids = server_pids  # callable -> pids: measure the server's own memory, not the GPU's

@@ -35,7 +35,7 @@ def reference_logprobs(hf_reference, adapter_dir, prompts=PROMPTS):
 VLLM_SAME_NAME_STALE_KV = (
     "vLLM 0.26.0 keys prefix-cache blocks by the adapter's name alone (v1/core/kv_cache_utils.py, "
     "_gen_lora_extra_hash_keys), so a reload under the same name reuses KV computed with the old weights: the vllm "
-    "#42125 class, found on the GPU in run m. The reference implementation never reuses a name (policy-vN)")
+    "#42125 class, found on the GPU in run m. The reference implementation never reuses a name (policy-<run tag>-vN)")
 
 
 @contextmanager

@@ -79,8 +79,8 @@ def test_pipelined_versions_are_what_the_server_used(lora_server, hf_reference, 
         records = run_pipelined(LOOP, pipeline_trainer, client, strategy,
                                 WordStartTask(str(pipeline_trainer.cfg.model_path)),
                                 PipelineConfig(max_staleness=K, wait_timeout_s=300))
-        C.assert_served(lora_server.client.models(), version_name(STEPS),
-                        [version_name(v) for v in range(STEPS)])
+        C.assert_served(lora_server.client.models(), strategy.adapter_name(STEPS),
+                        [strategy.adapter_name(v) for v in range(STEPS)])
     finally:
         if strategy.current:
             lora_server.client.unload_lora_adapter(strategy.current)
@@ -90,7 +90,7 @@ def test_pipelined_versions_are_what_the_server_used(lora_server, hf_reference, 
         versions = {r.version for r in rolls}
         assert len(versions) == 1, f"step {step}: one batch mixes versions {versions}"
         v = versions.pop()
-        assert step - K <= v <= step and {r.adapter for r in rolls} == {version_name(v)}, (step, v)
+        assert step - K <= v <= step and {r.adapter for r in rolls} == {strategy.adapter_name(v)}, (step, v)
         lags.append(step - v)
     assert [r.staleness_max for r in records] == lags and 1 in lags, f"never overlapped: {lags}"
 

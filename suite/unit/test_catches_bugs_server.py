@@ -157,7 +157,7 @@ def test_6_lifecycle_checks_pass_on_the_normal_fake(adapters):
         run = drive_lifecycle(client, lambda v, p: strategy.publish(v, p).adapter, adapters[:2])
         assert len(state.adapters) == 1
     assert check_lifecycle(run) == 0.0
-    assert run.models[-1] == [f"policy-v{SYNCS - 1}"]
+    assert run.models[-1] == [strategy.adapter_name(SYNCS - 1)]
     with serving() as (client, _):
         assert check_lifecycle(drive_lifecycle(client, naive_publish(client), adapters[:2])) == 0.0
 
@@ -180,11 +180,11 @@ def test_6_lifecycle_catches_adapters_piling_up(adapters, bug):
 
 def test_6_hot_reload_itself_refuses_a_server_that_never_unloads(adapters):
     with serving({"never_unload"}) as (client, state):
-        strategy = HotReload(client)
+        strategy = HotReload(client, run_tag="r1")
         strategy.publish(0, adapters[0])
-        with pytest.raises(SyncError, match=r"unload of policy-v0 answered success but it is still loaded"):
+        with pytest.raises(SyncError, match=r"unload of policy-r1-v0 answered success but it is still loaded"):
             strategy.publish(1, adapters[1])
-        assert sorted(state.loaded_adapters()) == ["policy-v0", "policy-v1"]
+        assert sorted(state.loaded_adapters()) == ["policy-r1-v0", "policy-r1-v1"]
 
 
 # ---------------------------------------------------------------- 7: a restart serves the newest adapter

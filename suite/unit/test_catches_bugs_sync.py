@@ -103,7 +103,7 @@ class StepsRun:
 def drive_policy_steps(client, reference, paths) -> StepsRun:
     """As test_hot_reload.py::test_served_policy_changes_every_step: rollout on the current version, then sync
     the next one by hot reload; after every sync probe /v1/models and the served logprobs."""
-    strategy = HotReload(client)
+    strategy = HotReload(client, run_tag="t1")
     cfg = LoopConfig(prompts_per_step=2, group_size=2, max_new_tokens=4)
     strategy.publish(0, paths[0])
     run = StepsRun()
@@ -134,7 +134,7 @@ def test_2_policy_steps_checks_pass_on_the_normal_fake(reference, adapters):
     with serving() as (client, _):
         run = drive_policy_steps(client, reference, adapters[:4])
     check_policy_steps(run)
-    assert run.currents == ["policy-v1", "policy-v2", "policy-v3"]
+    assert run.currents == ["policy-t1-v1", "policy-t1-v2", "policy-t1-v3"]
 
 
 def test_2_policy_steps_catch_a_policy_that_never_changes(reference, adapters):
@@ -160,11 +160,11 @@ def test_2_policy_steps_catch_the_base_model_served(reference, adapters):
 def test_2_a_sync_that_never_retires_versions_is_caught(reference, adapters):
     """The seed PR's bug on a correct server: old versions stay loaded (assert_served's retired list)."""
     with serving() as (client, _):
-        strategy = HotReload(client, keep_previous=True)
+        strategy = HotReload(client, keep_previous=True, run_tag="t1")
         strategy.publish(0, adapters[0])
         strategy.publish(1, adapters[1])
-        with pytest.raises(ConformanceError, match=r"retired adapters still loaded: \['policy-v0'\]"):
-            C.assert_served(client.models(), strategy.current, ["policy-v0"])
-        C.assert_served(client.models(), "policy-v1")
+        with pytest.raises(ConformanceError, match=r"retired adapters still loaded: \['policy-t1-v0'\]"):
+            C.assert_served(client.models(), strategy.current, ["policy-t1-v0"])
+        C.assert_served(client.models(), "policy-t1-v1")
         with pytest.raises(ConformanceError, match="policy-v9 is not served"):
             C.assert_served(client.models(), "policy-v9")

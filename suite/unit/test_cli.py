@@ -210,7 +210,7 @@ def test_run_with_the_hf_engine_writes_results_rows(tmp_path):
                    timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"done: 2 steps, reward [\d.]+ -> [\d.]+ \(mean of last 5\); rows in ", proc.stdout), proc.stdout
-    assert "2/2" in proc.stdout and "policy-v1" in proc.stdout
+    assert "2/2" in proc.stdout and re.search(r"policy-[0-9a-f]{6}-v1\b", proc.stdout), proc.stdout
     df = read_results(results)
     assert set(df["backend"]) == {"hf"} and set(df["strategy"]) == {"hot-reload"} and set(df["mode"]) == {"cpu"}
     assert set(df["model"]) == {"tiny"} and len(set(df["run_id"])) == 1

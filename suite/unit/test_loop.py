@@ -76,7 +76,7 @@ class LoopRun:
 def run_grpo(model_dir, strategy_cls) -> LoopRun:
     engine = HFEngine(str(model_dir.path), seed=0)
     trainer = LoraTrainer(TrainerConfig(model_path=str(model_dir.path), dtype="float32", lr=LR, seed=0))
-    strategy = strategy_cls(engine)
+    strategy = strategy_cls(engine, run_tag="t1")
     recording = RecordingEngine(engine, strategy)
     stats, saved = [], []
     train_step, save_adapter = trainer.train_step, trainer.save_adapter
@@ -144,12 +144,12 @@ def test_sync_keeps_the_ratio_at_one_the_control_lags(hot_run, control_run):
 # ---------------------------------------------------------------- (b) every rollout names the current adapter
 
 def test_every_rollout_names_the_current_adapter(hot_run, control_run):
-    assert hot_run.generate_calls == [version_name(s) for s in range(STEPS)]
+    assert hot_run.generate_calls == [version_name(s, "t1") for s in range(STEPS)]
     assert [r.adapter for r in hot_run.records] == hot_run.generate_calls
-    assert hot_run.loaded_at_end == [version_name(STEPS)], "old versions were not unloaded"
-    assert hot_run.saved == [version_name(s) for s in range(STEPS + 1)]
-    assert control_run.generate_calls == ["policy-v0"] * STEPS
-    assert control_run.loaded_at_end == ["policy-v0"]
+    assert hot_run.loaded_at_end == [version_name(STEPS, "t1")], "old versions were not unloaded"
+    assert hot_run.saved == [version_name(s) for s in range(STEPS + 1)]  # the trainer's dirs carry no run tag
+    assert control_run.generate_calls == ["policy-t1-v0"] * STEPS
+    assert control_run.loaded_at_end == ["policy-t1-v0"]
 
 
 # ---------------------------------------------------------------- (c) step records -> results rows

@@ -41,6 +41,7 @@ class Run:
     records: list
     batches: list = field(default_factory=list)  # the rollouts each train_step saw
     adapter_root: object = None
+    adapter_name: object = None  # version -> the name the strategy served it under
 
     def rewards(self):
         return [r.reward for r in self.records]
@@ -65,10 +66,12 @@ def _run(tiny, tmp_path_factory, steps: int, k: int | None, tis_cap=None) -> Run
 
     trainer.train_step = recording
     task = WordStartTask(str(tiny.path), seed=0)
+    strategy = HotReload(engine)
+    run.adapter_name = strategy.adapter_name
     if k is None:
-        run.records = run_loop(cfg, trainer, engine, HotReload(engine), task)
+        run.records = run_loop(cfg, trainer, engine, strategy, task)
     else:
-        run.records = run_pipelined(cfg, trainer, engine, HotReload(engine), task, PipelineConfig(max_staleness=k))
+        run.records = run_pipelined(cfg, trainer, engine, strategy, task, PipelineConfig(max_staleness=k))
     return run
 
 
@@ -115,7 +118,7 @@ def test_every_sample_is_within_the_staleness_bound(pipelined):
         assert len(versions) == 1, f"step {step}: batch mixes versions {versions}"
         v = versions.pop()
         assert step - 1 <= v <= step, (step, v)
-        assert {r.adapter for r in rolls} == {version_name(v)}
+        assert {r.adapter for r in rolls} == {pipelined.adapter_name(v)}
         lags.append(step - v)
     assert [r.staleness_max for r in pipelined.records] == lags
     assert lags[0] == 0 and 1 in lags, f"never overlapped: lags {lags}"

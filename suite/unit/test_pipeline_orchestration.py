@@ -87,7 +87,8 @@ def _workers_alive() -> list[str]:
 
 def _run(tmp_path, k, gen_s, train_s, **kw):
     server, trainer = FakeServer(gen_s), FakeTrainer(tmp_path, train_s)
-    records = run_pipelined(CFG, trainer, server, HotReload(server), Task(), PipelineConfig(max_staleness=k), **kw)
+    records = run_pipelined(CFG, trainer, server, HotReload(server, run_tag="t1"), Task(),
+                            PipelineConfig(max_staleness=k), **kw)
     return server, trainer, records
 
 
@@ -101,10 +102,10 @@ def test_versions_stay_within_the_staleness_bound(tmp_path, k):
         assert len(versions) == 1, f"step {step}: one batch mixes versions {versions}"
         (v,) = versions
         assert step - k <= v <= step, (step, v, k)
-        assert {r.adapter for r in rolls} == {f"policy-v{v}"}
+        assert {r.adapter for r in rolls} == {f"policy-t1-v{v}"}
     lags = [rec.staleness_max for rec in records]
     assert max(lags) == k, f"rollouts were faster: the worker should use the whole bound {k}, lags {lags}"
-    assert list(server.loaded) == [f"policy-v{CFG.steps}"], "ends on the newest version, older ones unloaded"
+    assert list(server.loaded) == [f"policy-t1-v{CFG.steps}"], "ends on the newest version, older ones unloaded"
 
 
 def test_slow_rollouts_get_fresh_versions(tmp_path):
@@ -158,6 +159,6 @@ def test_strategies_that_stop_serving_are_refused(tmp_path):
 
 def test_nosync_control_pipelines_on_v0(tmp_path):
     server, trainer = FakeServer(), FakeTrainer(tmp_path)
-    records = run_pipelined(CFG, trainer, server, NoSync(server), Task(), PipelineConfig(max_staleness=1))
-    assert server.batches == ["policy-v0"] * CFG.steps
+    records = run_pipelined(CFG, trainer, server, NoSync(server, run_tag="t1"), Task(), PipelineConfig(max_staleness=1))
+    assert server.batches == ["policy-t1-v0"] * CFG.steps
     assert [r.staleness_max for r in records] == list(range(CFG.steps))  # the control lags more every step

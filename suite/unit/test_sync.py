@@ -71,12 +71,12 @@ def greedy_logprobs(client, lora) -> list[float]:
 # ---------------------------------------------------------------- hot reload
 
 def test_hot_reload_serves_exactly_the_current_version(client, state, versions):
-    strategy = HotReload(client)
+    strategy = HotReload(client, run_tag="t1")
     assert strategy.current is None
     seen = []
     for v, path in enumerate(versions):
         rec = strategy.publish(v, path)
-        name = version_name(v)
+        name = version_name(v, "t1")
         assert (rec.version, rec.adapter) == (v, name)
         assert rec.sync_ms > 0
         assert rec.extra["loaded_adapters"] == 1
@@ -90,11 +90,11 @@ def test_hot_reload_serves_exactly_the_current_version(client, state, versions):
 
 
 def test_hot_reload_keep_previous_leaves_old_versions_loaded(client, state, versions):
-    strategy = HotReload(client, keep_previous=True)
+    strategy = HotReload(client, keep_previous=True, run_tag="t1")
     for v, path in enumerate(versions[:2]):
         strategy.publish(v, path)
-    assert sorted(state.loaded_adapters()) == ["policy-v0", "policy-v1"]
-    assert strategy.current == "policy-v1"
+    assert sorted(state.loaded_adapters()) == ["policy-t1-v0", "policy-t1-v1"]
+    assert strategy.current == "policy-t1-v1"
 
 
 @pytest.mark.parametrize("bad", ["dora", "missing", "rank_above_pool", "module_outside_pool"])
@@ -105,19 +105,19 @@ def test_failed_load_keeps_serving_the_previous_version(client, state, versions,
         "rank_above_pool": lambda: make_adapter(tmp_path / "r32", r=32),
         "module_outside_pool": lambda: make_adapter(tmp_path / "mlp", target_modules=("gate_proj",)),
     }[bad]()
-    strategy = HotReload(client)
+    strategy = HotReload(client, run_tag="t1")
     strategy.publish(0, versions[0])
-    before = greedy_logprobs(client, "policy-v0")
-    with pytest.raises(SyncError, match=r"policy-v1.*still serving policy-v0") as err:
+    before = greedy_logprobs(client, "policy-t1-v0")
+    with pytest.raises(SyncError, match=r"policy-t1-v1.*still serving policy-t1-v0") as err:
         strategy.publish(1, bad_path)
     assert "HTTP 400" in str(err.value)
-    assert (strategy.current, strategy.current_version) == ("policy-v0", 0)
-    assert state.loaded_adapters() == {"policy-v0": versions[0]}
+    assert (strategy.current, strategy.current_version) == ("policy-t1-v0", 0)
+    assert state.loaded_adapters() == {"policy-t1-v0": versions[0]}
     assert client.health()
     assert greedy_logprobs(client, strategy.current) == before
     rec = strategy.publish(1, versions[1])  # the next good version goes through
-    assert rec.adapter == strategy.current == "policy-v1"
-    assert policy_models(client) == ["policy-v1"]
+    assert rec.adapter == strategy.current == "policy-t1-v1"
+    assert policy_models(client) == ["policy-t1-v1"]
 
 
 def test_load_that_answers_success_without_loading_is_a_sync_error(versions):
@@ -142,9 +142,9 @@ def test_sync_has_a_bound(tmp_path, versions):
     state = FakeSGLangState(enable_lora=True, max_lora_rank=16, target_modules=ATTENTION, request_delay_s=3.0)
     with FakeSGLangServer(state) as srv:
         client = SGLangClient(srv.url, timeout_s=10)
-        strategy = HotReload(client, timeout_s=0.5)
+        strategy = HotReload(client, timeout_s=0.5, run_tag="t1")
         strategy.publish(0, versions[0])
-        busy = threading.Thread(target=client.generate, args=([PROMPT], GREEDY), kwargs={"lora": "policy-v0"},
+        busy = threading.Thread(target=client.generate, args=([PROMPT], GREEDY), kwargs={"lora": "policy-t1-v0"},
                                 daemon=True)
         busy.start()
         deadline = time.monotonic() + 5
@@ -160,12 +160,12 @@ def test_sync_has_a_bound(tmp_path, versions):
 # ---------------------------------------------------------------- the control
 
 def test_no_sync_only_ever_loads_v0(client, state, versions):
-    strategy = NoSync(client)
+    strategy = NoSync(client, run_tag="t1")
     records = [strategy.publish(v, versions[v % 3]) for v in range(5)]
     assert state.counters["load"] == 1 and state.counters["unload"] == 0
-    assert state.loaded_adapters() == {"policy-v0": versions[0]}
-    assert strategy.current == "policy-v0" and strategy.current_version == 0
-    assert [r.adapter for r in records] == ["policy-v0"] * 5
+    assert state.loaded_adapters() == {"policy-t1-v0": versions[0]}
+    assert strategy.current == "policy-t1-v0" and strategy.current_version == 0
+    assert [r.adapter for r in records] == ["policy-t1-v0"] * 5
     assert all(r.extra == {"skipped": 1} and r.sync_ms == 0.0 for r in records[1:])
 
 
@@ -181,10 +181,10 @@ def test_loop_names_the_current_adapter_on_every_rollout(client, state, tmp_path
     state.generate = recording
     trainer = AdapterTrainer(tmp_path / "adapters")
     cfg = LoopConfig(steps=4, prompts_per_step=2, group_size=3, max_new_tokens=4)
-    records = run_loop(cfg, trainer, client, HotReload(client), CountTask())
-    assert names == [f"policy-v{s}" for s in range(4)]
+    records = run_loop(cfg, trainer, client, HotReload(client, run_tag="t1"), CountTask())
+    assert names == [f"policy-t1-v{s}" for s in range(4)]
     assert [r.adapter for r in records] == names
-    assert policy_models(client) == ["policy-v4"]
+    assert policy_models(client) == ["policy-t1-v4"]
     assert all(r.output_tokens == 2 * 3 * 4 and r.sync_ms > 0 for r in records)
 
 
@@ -199,7 +199,7 @@ def test_rollout_carries_the_samplers_logprobs_from_the_server(client, state, tm
         return original(body)
 
     state.generate = recording
-    strategy = HotReload(client)
+    strategy = HotReload(client, run_tag="t1")
     strategy.publish(0, str(AdapterTrainer(tmp_path / "adapters").save_adapter("policy-v0")))
     rolls = rollout(client, strategy, CountTask(), LoopConfig(prompts_per_step=2, group_size=3, max_new_tokens=5), 0)
     assert bodies and all(b.get("return_logprob") is True for b in bodies)
@@ -294,9 +294,9 @@ def test_release_resume_releases_resumes_then_hot_loads(tmp_path, versions):
     state.unload = lambda body, **kw: (events.append(f"unload {body['lora_name']}"), unload(body, **kw))[1]
     with FakeSGLangServer(state) as srv:
         client = SGLangClient(srv.url, timeout_s=10)
-        strategy = ReleaseResume(client)
+        strategy = ReleaseResume(client, run_tag="t1")
         strategy.publish(0, versions[0])
-        assert events == ["load policy-v0"]
+        assert events == ["load policy-t1-v0"]
         events.clear()
 
         paused = strategy.pause_for_training()
@@ -304,15 +304,15 @@ def test_release_resume_releases_resumes_then_hot_loads(tmp_path, versions):
         assert paused["release_s"] >= 0 and paused["released_mib"] is None  # no GPU index: no NVML reading
         assert client.memory_usage()["kvcache"] == 0.0
         rec = strategy.publish(1, versions[1])
-        assert events == ["release", "resume", "load policy-v1", "unload policy-v0"]
+        assert events == ["release", "resume", "load policy-t1-v1", "unload policy-t1-v0"]
         assert not state.released
         assert rec.extra["resume_s"] >= 0 and rec.extra["release_s"] == paused["release_s"]
         assert rec.sync_ms > 0
-        assert strategy.current == "policy-v1"
-        assert policy_models(client) == ["policy-v1"]
+        assert strategy.current == "policy-t1-v1"
+        assert policy_models(client) == ["policy-t1-v1"]
         assert client.generate([PROMPT], GREEDY, lora=strategy.current)[0].completion_tokens == 4
 
         events.clear()
         rec2 = strategy.publish(2, versions[2])  # no pause before it: no resume call
-        assert events == ["load policy-v2", "unload policy-v1"]
+        assert events == ["load policy-t1-v2", "unload policy-t1-v1"]
         assert rec2.extra["resume_s"] == 0.0

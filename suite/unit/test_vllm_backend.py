@@ -231,13 +231,13 @@ def test_dev_routes_absent_without_dev_mode():
 
 # -- sync strategies unchanged ---------------------------------------------------------------------------
 def test_hot_reload_unchanged(client, adapters):
-    sync = HotReload(client, timeout_s=10)
+    sync = HotReload(client, timeout_s=10, run_tag="t1")
     sync.publish(0, adapters[0])
-    assert sync.current == version_name(0)
+    assert sync.current == version_name(0, "t1")
     out0 = client.generate([PROMPT], GREEDY, lora=sync.current, return_logprob=True, logprob_start_len=0)
     rec = sync.publish(1, adapters[1])
-    assert sync.current == "policy-v1" and rec.extra["loaded_adapters"] == 1
-    assert client.models() == ["fake-model", "policy-v1"]
+    assert sync.current == "policy-t1-v1" and rec.extra["loaded_adapters"] == 1
+    assert client.models() == ["fake-model", "policy-t1-v1"]
     out1 = client.generate([PROMPT], GREEDY, lora=sync.current, return_logprob=True, logprob_start_len=0)
     assert_differs([out1[0].input_logprobs], [out0[0].input_logprobs], "v1 vs v0")
 
@@ -289,6 +289,28 @@ def test_name_keyed_prefix_is_caught_in_place_and_after_unload(adapters):
             assert_cold(c.generate([PROMPT], GREEDY, lora="pc")[0].cached_tokens, "same-name reload")
         c.load_lora_adapter("pc-fresh", adapters[1])  # a new name starts cold even there
         assert c.generate([PROMPT], GREEDY, lora="pc-fresh")[0].cached_tokens == 0
+
+
+def test_a_second_run_on_the_same_server_never_meets_the_first_runs_kv(adapters):
+    """A persistent server outlives a run (the step benchmark ran split, then pipelined, on one vLLM server). With
+    vLLM 0.26.0's name-keyed prefix cache (the fake's bug mode), a second run that published the first run's names
+    would roll out on the first run's KV; each hot-reload strategy tags its names, so it starts cold."""
+    with FakeVLLMServer(FakeVLLMState(bugs={"prefix_keyed_by_lora_name"})) as srv:
+        c = VLLMClient(srv.url, timeout_s=5)
+
+        def second_run_cached(tags: tuple[str | None, str | None]) -> int:
+            first, second = (HotReload(c, run_tag=t) for t in tags)
+            first.publish(0, adapters[0])
+            c.generate([PROMPT], GREEDY, lora=first.current)
+            c.unload_lora_adapter(first.current)  # the first run ends; the server stays up
+            second.publish(0, adapters[1])
+            cached = c.generate([PROMPT], GREEDY, lora=second.current)[0].cached_tokens
+            c.unload_lora_adapter(second.current)
+            return cached
+
+        assert second_run_cached((None, None)) == 0  # default: a fresh tag per strategy
+        with pytest.raises(ConformanceError, match="stale KV"):  # the untagged names of before
+            assert_cold(second_run_cached(("", "")), "second run, same names")
 
 
 def test_same_name_unload_and_load_is_cold_on_the_correct_fake(client, adapters):
