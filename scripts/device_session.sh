@@ -15,13 +15,15 @@
 #   bash scripts/device_session.sh single2  # a 2-GPU kind: GPU 0 the single-GPU restart variant on STEPS4_MODEL
 #                                           # (alone: its first server start took 133 s cold) | GPU 1 the 1.7B LoRA
 #                                           # rollout at concurrency 64/256
+#   bash scripts/device_session.sh steps1   # a 1-GPU kind: the single-GPU step variants on STEPS4_MODEL, restart then
+#                                           # release/resume (the split rows' model; H200 still lacks them)
 #   bash scripts/device_session.sh steps4   # a 4-GPU kind: every GRPO step variant on ONE model, then the LoRA
 #                                           # rollout at concurrency 64/256 (STEPS4_MODEL, default qwen3-0.6b)
 #
 # Needs .gpu-kit/ (bash ../shared/device-kit/build.sh .gpu-kit) carried with the call. Everything lands in $OUT
 # (at most 8 files come back: server logs are packed into one tarball).
 set -u
-MODE=${1:?prep|steps2|single2|all4|confirm4|steps4|bench-1gpu|conformance|split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
+MODE=${1:?prep|steps1|steps2|single2|all4|confirm4|steps4|bench-1gpu|conformance|split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
 source "$(dirname "$0")/device_common.sh" || exit 1
 
 case $MODE in
@@ -46,6 +48,14 @@ case $MODE in
       -k "split or trl" --benchmark-only
     grep -E "step_time_ratio" "$OUT/logs/step-split.log" | tail -6
     collect_jobs step-restart step-release step-split ;;
+  steps1)  # a 1-GPU kind, hard stop $END s: restart (282 s for 3 steps on 0.6B, 2x H100) then release/resume
+    END=${STEPS2_END:-580}
+    export SPLITRL_BENCH_STEP_MODEL=${STEPS4_MODEL:-qwen3-0.6b} SPLITRL_BENCH_STEPS=${STEPS4_SINGLE_STEPS:-3}
+    pytest_job step-restart $((END - SECONDS - 200)) 0 suite/benchmarks/test_bench_step.py -k single_gpu_restart \
+      --benchmark-only
+    pytest_job step-release $((END - SECONDS - 10)) 0 suite/benchmarks/test_bench_step.py -k single_gpu_release \
+      --benchmark-only
+    collect_jobs step-restart step-release ;;
   single2)  # a 2-GPU kind, hard stop $END s: what steps2 could not fit (run of 2026-11-26: the restart variant
             # reached its second restart in 270 s) next to the LoRA rollout
     END=${STEPS2_END:-540}
