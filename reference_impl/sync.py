@@ -135,7 +135,8 @@ class Restart:
 
 
 class ReleaseResume(HotReload):
-    """One GPU, for comparison: SGLang releases KV cache and weights (with a CPU backup) while training."""
+    """One GPU, for comparison: the server releases KV cache and weights while training (SGLang's memory saver
+    with a CPU backup, vLLM's sleep mode), resumes, then hot-loads."""
     name = "release-resume"
 
     def __init__(self, client, gpu_index: int | None = None, timeout_s: float = 120.0, server_pids=None,

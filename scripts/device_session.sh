@@ -26,6 +26,11 @@ set -u
 MODE=${1:?prep|steps1|steps2|single2|all4|confirm4|steps4|bench-1gpu|conformance|split|split-restart|single|diagnose|bench-rollout|bench-sync-step}
 source "$(dirname "$0")/device_common.sh" || exit 1
 
+single_gpu_step() {  # restart|release, bound s, GPU: one single-GPU step variant of test_bench_step.py
+  SPLITRL_BENCH_STEPS=${STEPS4_SINGLE_STEPS:-3} pytest_job "step-$1" "$2" "$3" suite/benchmarks/test_bench_step.py \
+    -k "single_gpu_$1" --benchmark-only
+}
+
 case $MODE in
   prep)  # built on the GPU (the CPU took ~100 s for 1.7B); later calls of the warm window find them in SPLITRL_CACHE
     for m in ${PREP_MODELS:-qwen3-0.6b qwen3-1.7b}; do
@@ -39,10 +44,8 @@ case $MODE in
     export SPLITRL_BENCH_STEP_MODEL=${STEPS4_MODEL:-qwen3-0.6b}
     # the restart variant on qwen3-0.6b took 282 s for 3 steps alone (graphs capped at the step's batch; 2x H100)
     single_bound=${STEPS2_SINGLE_S:-330}
-    SPLITRL_BENCH_STEPS=${STEPS4_SINGLE_STEPS:-3} pytest_job step-restart $single_bound 0 \
-      suite/benchmarks/test_bench_step.py -k single_gpu_restart --benchmark-only &
-    SPLITRL_BENCH_STEPS=${STEPS4_SINGLE_STEPS:-3} pytest_job step-release $single_bound 1 \
-      suite/benchmarks/test_bench_step.py -k single_gpu_release --benchmark-only &
+    single_gpu_step restart "$single_bound" 0 &
+    single_gpu_step release "$single_bound" 1 &
     wait
     SPLITRL_BENCH_STEPS=6 pytest_job step-split $((END - SECONDS - 10)) 0,1 suite/benchmarks/test_bench_step.py \
       -k "split or trl" --benchmark-only
@@ -50,18 +53,15 @@ case $MODE in
     collect_jobs step-restart step-release step-split ;;
   steps1)  # a 1-GPU kind, hard stop $END s: restart (282 s for 3 steps on 0.6B, 2x H100) then release/resume
     END=${STEPS2_END:-580}
-    export SPLITRL_BENCH_STEP_MODEL=${STEPS4_MODEL:-qwen3-0.6b} SPLITRL_BENCH_STEPS=${STEPS4_SINGLE_STEPS:-3}
-    pytest_job step-restart $((END - SECONDS - 200)) 0 suite/benchmarks/test_bench_step.py -k single_gpu_restart \
-      --benchmark-only
-    pytest_job step-release $((END - SECONDS - 10)) 0 suite/benchmarks/test_bench_step.py -k single_gpu_release \
-      --benchmark-only
+    export SPLITRL_BENCH_STEP_MODEL=${STEPS4_MODEL:-qwen3-0.6b}
+    single_gpu_step restart $((END - SECONDS - 200)) 0
+    single_gpu_step release $((END - SECONDS - 10)) 0
     collect_jobs step-restart step-release ;;
   single2)  # a 2-GPU kind, hard stop $END s: what steps2 could not fit (run of 2026-11-26: the restart variant
             # reached its second restart in 270 s) next to the LoRA rollout
     END=${STEPS2_END:-540}
-    SPLITRL_BENCH_STEP_MODEL=${STEPS4_MODEL:-qwen3-0.6b} SPLITRL_BENCH_STEPS=${STEPS4_SINGLE_STEPS:-3} \
-      pytest_job step-restart $((END - SECONDS - 10)) 0 suite/benchmarks/test_bench_step.py -k single_gpu_restart \
-      --benchmark-only &
+    export SPLITRL_BENCH_STEP_MODEL=${STEPS4_MODEL:-qwen3-0.6b}
+    single_gpu_step restart $((END - SECONDS - 10)) 0 &
     SPLITRL_BENCH_SHAPES=qwen3-1.7b SPLITRL_BENCH_LORA_SHAPES=qwen3-1.7b SPLITRL_BENCH_CONCURRENCY=64,256 \
       pytest_job rollout-lora $((END - SECONDS - 10)) 1 suite/benchmarks/test_bench_rollout.py -k lora --benchmark-only
     wait
@@ -118,10 +118,8 @@ case $MODE in
     ( pytest_job conformance $((END - SECONDS - 10)) 0,1 suite -m gpu
       left=$((END - SECONDS - 10))
       [ $left -gt 60 ] || exit 0
-      SPLITRL_BENCH_STEP_MODEL=tiny SPLITRL_BENCH_STEPS=3 pytest_job step-restart $left 0 \
-        suite/benchmarks/test_bench_step.py -k single_gpu_restart --benchmark-only &
-      SPLITRL_BENCH_STEP_MODEL=tiny SPLITRL_BENCH_STEPS=3 pytest_job step-release $left 1 \
-        suite/benchmarks/test_bench_step.py -k single_gpu_release --benchmark-only &
+      SPLITRL_BENCH_STEP_MODEL=tiny STEPS4_SINGLE_STEPS=3 single_gpu_step restart $left 0 &
+      SPLITRL_BENCH_STEP_MODEL=tiny STEPS4_SINGLE_STEPS=3 single_gpu_step release $left 1 &
       wait ) &
     PC=$!
     SPLITRL_BENCH_STEP_MODEL=$STEP_MODEL SPLITRL_BENCH_STEPS=6 \
@@ -144,10 +142,9 @@ case $MODE in
     SPLITRL_BENCH_STEP_MODEL=${ALL4_STEP_MODEL:-qwen3-0.6b} SPLITRL_BENCH_STEPS=6 \
       pytest_job step-split ${ALL4_STEP_S:-290} 2,3 suite/benchmarks/test_bench_step.py -k "split or trl" --benchmark-only
     grep -E "step_time_ratio" "$OUT/logs/step-split.log" | tail -6
-    SPLITRL_BENCH_STEP_MODEL=tiny SPLITRL_BENCH_STEPS=${ALL4_RESTART_STEPS:-3} pytest_job step-restart $((END - SECONDS - 10)) 2 \
-      suite/benchmarks/test_bench_step.py -k single_gpu_restart --benchmark-only &
-    SPLITRL_BENCH_STEP_MODEL=tiny SPLITRL_BENCH_STEPS=3 pytest_job step-release $((END - SECONDS - 10)) 3 \
-      suite/benchmarks/test_bench_step.py -k single_gpu_release --benchmark-only &
+    SPLITRL_BENCH_STEP_MODEL=tiny STEPS4_SINGLE_STEPS=${ALL4_RESTART_STEPS:-3} \
+      single_gpu_step restart $((END - SECONDS - 10)) 2 &
+    SPLITRL_BENCH_STEP_MODEL=tiny STEPS4_SINGLE_STEPS=3 single_gpu_step release $((END - SECONDS - 10)) 3 &
     wait
     grep -E "^(FAILED|XFAIL|ERROR)" "$OUT/logs/conformance.log" | cut -c1-400 | tail -12
     collect_jobs conformance step-split step-restart step-release ;;
@@ -156,10 +153,8 @@ case $MODE in
            # rollout benchmark with a LoRA (1.7B, concurrency 64 and 256)
     END=${ALL4_END:-560}
     export SPLITRL_BENCH_STEP_MODEL=${STEPS4_MODEL:-qwen3-0.6b}
-    SPLITRL_BENCH_STEPS=${STEPS4_SINGLE_STEPS:-3} pytest_job step-restart $((END - SECONDS - 10)) 0 \
-      suite/benchmarks/test_bench_step.py -k single_gpu_restart --benchmark-only &
-    SPLITRL_BENCH_STEPS=${STEPS4_SINGLE_STEPS:-3} pytest_job step-release $((END - SECONDS - 10)) 1 \
-      suite/benchmarks/test_bench_step.py -k single_gpu_release --benchmark-only &
+    single_gpu_step restart $((END - SECONDS - 10)) 0 &
+    single_gpu_step release $((END - SECONDS - 10)) 1 &
     SPLITRL_BENCH_STEPS=6 pytest_job step-split ${ALL4_STEP_S:-260} 2,3 suite/benchmarks/test_bench_step.py \
       -k "split or trl" --benchmark-only
     grep -E "step_time_ratio" "$OUT/logs/step-split.log" | tail -6

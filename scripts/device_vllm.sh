@@ -8,13 +8,13 @@
 #   call 3 (same warm machine, nothing carried: the vLLM venv is reused):
 #                                       bash scripts/device_vllm.sh run bench   # --benchmark-only --backend vllm
 #   (or `run PYTEST ARGS...` for anything else)
-#   VLLM_RUN_END bounds a call (s); VLLM_ONE_GPU_S (290) bounds each of bench's two one-GPU jobs
+#   VLLM_RUN_END (570) bounds a call (s); VLLM_ONE_GPU_S (290) bounds each of bench's two one-GPU jobs
 # `bench` sizes the set to one call: rollout qwen3-1.7b base at concurrency 64 and 256 (GPU 0) next to hot reload
 # r16 x 5 (GPU 1), then the split step on qwen3-0.6b x 4 steps (both GPUs); the TRL peer left out (it has no
 # backend). Each compiled vLLM start (CUDA graphs on, as deployed) costs minutes, so the two one-GPU benchmarks run
 # at once on their own GPUs (they share the host's CPUs). vLLM only: with --backend both pytest ran every SGLang
 # variant first and the call's bound came before any vLLM one (2026-11-26); SGLang's rows for the same set on the
-# same kind are in results/nvidia-h100-x2-*-20261126.csv. VLLM_RUN_END (570) bounds the call in seconds.
+# same kind are in results/nvidia-h100-x2-*-20261126.csv.
 #
 # `run` installs PREFIX/vllm-venv (scripts/vllm_kit/install.sh; reused when already there) and runs pytest with
 # SPLITRL_VLLM_PYTHON set. The SGLang kit must already be installed in /tmp/splitrl by an earlier call of this warm

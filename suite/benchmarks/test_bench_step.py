@@ -180,7 +180,7 @@ def _trainer_config(model, backend: str, tis_cap: float | None = None):
 def _single_gpu_config(server_pool, bench_plan, model, backend: str, graph_max_bs: int = 0, **changes):
     """The server on the first TRAINING GPU: the trainer (this process, cuda:0) and the server share it.
     graph_max_bs > 0 caps the decode batch sizes its CUDA graphs capture (0: the backend's default)."""
-    capped = {"cuda_graph_max_bs": graph_max_bs} if CUDA_GRAPHS and graph_max_bs > 0 else {}
+    capped = {"cuda_graph_max_bs": graph_max_bs} if graph_max_bs > 0 else {}
     return dataclasses.replace(server_pool.base, gpu_ids=str(bench_plan.training[0].index), tp_size=1,
                                **server_overrides(backend, model_path=str(model.path), lora=POOL,
                                                   mem_fraction_static=OWN_MEM_FRACTION, cuda_graphs=CUDA_GRAPHS,
@@ -259,13 +259,13 @@ def test_step_single_gpu_restart(benchmark, server_pool, bench_plan, step_model,
                                  backend):
     from reference_impl.sync import Restart
 
+    graph_max_bs = RESTART_GRAPH_MAX_BS if CUDA_GRAPHS else 0  # no graphs, nothing to cap
     # not started here: Restart.publish(0) starts it, with policy-v0 registered
     srv = server_pool.server_cls(_single_gpu_config(server_pool, bench_plan, step_model, backend,
-                                                    graph_max_bs=RESTART_GRAPH_MAX_BS))
+                                                    graph_max_bs=graph_max_bs))
     try:
         _run_variant(benchmark, results_writer, step_model, _ClientOf(srv), Restart(srv), "restart", "single",
-                     [bench_plan.training[0].index], backend=backend,
-                     extra_params={"graph_max_bs": RESTART_GRAPH_MAX_BS if CUDA_GRAPHS else 0})
+                     [bench_plan.training[0].index], backend=backend, extra_params={"graph_max_bs": graph_max_bs})
     finally:
         srv.stop()
 
