@@ -16,7 +16,7 @@
 #                                           # (alone: its first server start took 133 s cold) | GPU 1 the 1.7B LoRA
 #                                           # rollout at concurrency 64/256
 #   bash scripts/device_session.sh steps1   # a 1-GPU kind: the single-GPU step variants on STEPS4_MODEL, restart then
-#                                           # release/resume (the split rows' model; H200 still lacks them)
+#                                           # release/resume (the split rows' model)
 #   bash scripts/device_session.sh steps4   # a 4-GPU kind: every GRPO step variant on ONE model, then the LoRA
 #                                           # rollout at concurrency 64/256 (STEPS4_MODEL, default qwen3-0.6b)
 #
